@@ -6,6 +6,7 @@ error names the field (``train.epochs: Input should be greater than 0``).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
@@ -211,7 +212,7 @@ def format_validation_error(err: ValidationError) -> str:
 
 
 def build_config(cls: type[C], data: dict | None = None, overrides: list[str] | None = None) -> C:
-    tree = dict(data or {})
+    tree = copy.deepcopy(data or {})  # never mutate the caller's dict
     for key, value in parse_overrides(overrides):
         _set_path(tree, key, value)
     try:

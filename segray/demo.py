@@ -1,0 +1,73 @@
+"""The embedded default job: generated scenes -> Ray Train U-Net -> Ray Data inference -> report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segray.config import DemoJobConfig, InferJobConfig, SourceConfig, TrainJobConfig
+from segray.report import console, infer_rows, print_table
+
+
+def demo_train_config(cfg: DemoJobConfig, data: dict[str, Any], workdir: Path) -> TrainJobConfig:
+    return TrainJobConfig.model_validate({
+        "data": {
+            "source": {"images": data["images"], "masks": data["masks"]},
+            "class_names": data["class_names"],
+            "val_fraction": 0.25,
+        },
+        "model": cfg.model.model_dump(),
+        "train": {**cfg.train.model_dump(), "storage_path": str(workdir / "runs"), "name": "demo"},
+    })
+
+
+def overlay_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """A few rows of the written Parquet, decoded back into pictures."""
+    import pyarrow.dataset as pads
+    from PIL import Image
+
+    from segray.core.masks import decode_png
+
+    table = pads.dataset(predictions, format="parquet").head(
+        limit, columns=["image_id", "source_path", "mask_png", "status"], filter=pads.field("status") == "ok")
+    panels = []
+    for row in table.to_pylist():
+        rgb = np.asarray(Image.open(row["source_path"]).convert("RGB"))
+        mask_path = Path(row["source_path"]).parent.parent / "masks" / Path(row["source_path"]).name
+        truth = np.asarray(Image.open(mask_path)) if mask_path.exists() else None
+        panels.append((row["image_id"], rgb, decode_png(row["mask_png"]), truth))
+    return panels
+
+
+def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
+    from segray.core.demo import write_demo_dataset
+    from segray.infer.pipeline import run_inference
+    from segray.train.plots import plot_overlays
+    from segray.train.trainer import run_training, summary_rows
+
+    workdir = Path(cfg.workdir).resolve()
+    console.rule("[bold]segray demo")
+    console.print(f"1/3 generating {cfg.num_images} scenes of {cfg.image_size}px in {workdir / 'data'}")
+    data = write_demo_dataset(workdir / "data", cfg.num_images, cfg.image_size, seed=cfg.seed)
+
+    job = demo_train_config(cfg, data, workdir)
+    console.print(f"2/3 training {job.model.name} on {job.train.num_workers} Ray Train workers "
+                  f"for {job.train.epochs} epochs")
+    result = run_training(job)
+    print_table("training summary", summary_rows(result, job.data.class_names) + [
+        ("best checkpoint", result.best_checkpoint), ("curves", result.curves_png)])
+
+    console.print("3/3 segmenting the scenes with Ray Data (ground truth given, so metrics are computed)")
+    infer_cfg = InferJobConfig(
+        source=SourceConfig(images=data["images"], masks=data["masks"]),
+        checkpoint=result.best_checkpoint,
+        output=str(workdir / "predictions"),
+        overwrite=True,
+    )
+    summary = run_inference(infer_cfg)
+    overlays = str(workdir / "overlays.png")
+    plot_overlays(overlay_panels(summary["predictions"]), overlays)
+    print_table("inference summary", infer_rows(summary, data["class_names"]) + [("overlays", overlays)])
+    return {"train": result, "infer": summary, "overlays": overlays}

@@ -1,0 +1,239 @@
+"""The steps of bulk inference as plain batch functions: read+decode -> predict -> encode.
+
+No Ray here: the pipeline wires these into ``map_batches``, tests call them directly.
+A batch is a dict of columns (numpy arrays or lists). Bad input never raises: the row
+gets ``status="error"`` and a reason, and later steps pass it through untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from segray.core import masks
+from segray.core.checkpoint import FILENAME, checkpoint_id, load_payload
+from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
+from segray.core.models import build_model
+from segray.config import ModelConfig, StorageOptions
+from segray.io.fs import fsspec_options, get_fs, join
+from segray.io.images import ImageDecodeError, decode_image, decode_mask
+
+# Placeholders keep a column's arrays at one ndim for rows that carry no pixels.
+_NO_IMAGE = np.zeros((1, 1, 1), np.float32)
+_NO_MASK = np.zeros((1, 1), np.int64)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source_path", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("bands", pa.int32()),
+        ("model_name", pa.string()),
+        ("checkpoint_id", pa.string()),
+        ("mask_png", pa.binary()),
+        ("class_fractions", pa.list_(pa.float64())),
+        ("mean_confidence", pa.float64()),
+        ("has_ground_truth", pa.bool_()),
+        ("pixel_accuracy", pa.float64()),
+        ("iou", pa.list_(pa.float64())),
+        ("dice", pa.list_(pa.float64())),
+        ("confusion", pa.list_(pa.int64())),
+        ("decode_ms", pa.float64()),
+        ("predict_ms", pa.float64()),
+    ]
+)
+
+
+def _fetch(urls: list[str], storage: StorageOptions | None) -> list[bytes | Exception]:
+    """Read many objects at once (s3fs fetches a list concurrently); errors are returned."""
+    by_scheme: dict[str, list[int]] = {}
+    for i, u in enumerate(urls):
+        by_scheme.setdefault(u.split("://", 1)[0] if "://" in u else "file", []).append(i)
+    out: list[bytes | Exception] = [b""] * len(urls)
+    for idx in by_scheme.values():
+        fs, _ = get_fs(urls[idx[0]], storage)
+        paths = [fs._strip_protocol(urls[i]) for i in idx]
+        try:
+            got = fs.cat(paths, on_error="return")
+        except Exception as exc:  # a one-path cat raises instead of returning
+            got = {paths[0]: exc}
+        if not isinstance(got, dict):
+            got = {paths[0]: got}
+        for i, p in zip(idx, paths):
+            out[i] = got.get(p, FileNotFoundError(urls[i]))
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ImageDecodeError):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return f"unreadable: not found ({exc})"
+    if isinstance(exc, PermissionError):
+        return f"unreadable: permission denied ({exc})"
+    return f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def read_decode(
+    batch: dict[str, Any],
+    storage: StorageOptions | None = None,
+    bands: list[int] | None = None,
+    max_pixels: int | None = None,
+) -> dict[str, Any]:
+    """Columns in: image (URL), mask (URL or ''), image_id. Adds pixels and status."""
+    t0 = time.perf_counter()
+    image_urls = [str(u) for u in batch["image"]]
+    mask_urls = [str(u) if u else "" for u in batch["mask"]]
+    images = _fetch(image_urls, storage)
+    gt_data = dict(zip([u for u in mask_urls if u], _fetch([u for u in mask_urls if u], storage)))
+    out: dict[str, list] = {k: [] for k in ("pixels", "gt", "has_gt", "status", "error", "height", "width", "bands")}
+    for url, data, mask_url in zip(image_urls, images, mask_urls):
+        pixels, gt, status, error = _NO_IMAGE, _NO_MASK, "ok", ""
+        try:
+            if isinstance(data, Exception):
+                raise data
+            pixels = decode_image(data, url, bands=bands, max_pixels=max_pixels)
+            if mask_url:
+                mask_bytes = gt_data[mask_url]
+                if isinstance(mask_bytes, Exception):
+                    raise ImageDecodeError(f"ground-truth mask {mask_url}: {_reason(mask_bytes)}")
+                gt = decode_mask(mask_bytes, mask_url)
+                if gt.shape != pixels.shape[1:]:
+                    raise ImageDecodeError(f"ground-truth mask is {gt.shape}, image is {pixels.shape[1:]}")
+        except Exception as exc:  # any bad input becomes an error row
+            pixels, gt, status, error = _NO_IMAGE, _NO_MASK, "error", _reason(exc)
+        ok = status == "ok"
+        out["pixels"].append(pixels)
+        out["gt"].append(gt)
+        out["has_gt"].append(ok and bool(mask_url))
+        out["status"].append(status)
+        out["error"].append(error)
+        out["height"].append(pixels.shape[1] if ok else 0)
+        out["width"].append(pixels.shape[2] if ok else 0)
+        out["bands"].append(pixels.shape[0] if ok else 0)
+    ms = (time.perf_counter() - t0) * 1000 / max(len(image_urls), 1)
+    result = {"image_id": batch["image_id"], "source_path": np.array(image_urls, dtype=object)}
+    result.update({k: v for k, v in out.items()})
+    result["decode_ms"] = np.full(len(image_urls), ms)
+    return result
+
+
+def resolve_checkpoint(url: str) -> str:
+    """A checkpoint is a ``.pt`` file or a directory holding ``checkpoint.pt``."""
+    return url if url.endswith(".pt") else join(url, FILENAME)
+
+
+def read_checkpoint(url: str, storage: StorageOptions | None = None) -> tuple[dict, str]:
+    import fsspec
+
+    path = resolve_checkpoint(url)
+    with fsspec.open(path, "rb", **fsspec_options(path, storage)) as f:
+        data = f.read()
+    return load_payload(data), checkpoint_id(data)
+
+
+class Predictor:
+    """Loads the checkpoint once, then maps decoded batches to class maps and confidences."""
+
+    def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
+                 amp: bool = True, max_batch: int = 16):
+        payload, self.checkpoint_id = read_checkpoint(checkpoint, storage)
+        self.model_cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None})
+        self.class_names = payload["class_names"]
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp = amp and self.device.type == "cuda"
+        self.max_batch = max_batch
+        model = build_model(self.model_cfg)
+        model.load_state_dict(payload["model_state"])
+        self.model = model.to(self.device).eval()
+        stats = payload.get("band_stats") or {}
+        self.mean = torch.tensor(stats.get("mean", [0.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
+        self.std = torch.tensor(stats.get("std", [1.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
+
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Same-shape images go through the model together; returns (class map, mean confidence)."""
+        results: list[tuple[np.ndarray, float] | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        for idx in by_shape.values():
+            for start in range(0, len(idx), self.max_batch):
+                chunk = idx[start : start + self.max_batch]
+                x = torch.from_numpy(np.stack([images[i] for i in chunk]))
+                x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    logits = self.model(x).float()
+                if logits.shape[1] == 1:
+                    p = torch.sigmoid(logits[:, 0])
+                    pred, conf = (p > 0.5).to(torch.uint8), torch.maximum(p, 1 - p)
+                else:
+                    conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+                pred, conf = pred.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy()
+                for j, i in enumerate(chunk):
+                    results[i] = (pred[j], float(conf[j]))
+        return results  # type: ignore[return-value]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        status, error = list(batch["status"]), list(batch["error"])
+        todo = []
+        for i, im in enumerate(batch["pixels"]):
+            if status[i] != "ok":
+                continue
+            if im.shape[0] != self.model_cfg.in_channels:
+                status[i], error[i] = "error", f"image has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
+                continue
+            todo.append(i)
+        preds: list[np.ndarray] = [_NO_MASK.astype(np.uint8)] * len(status)
+        conf = np.full(len(status), np.nan)
+        for i, (p, c) in zip(todo, self.predict([batch["pixels"][i] for i in todo])):
+            preds[i], conf[i] = p, c
+        out = {k: v for k, v in batch.items() if k != "pixels"}  # drop pixels early: memory
+        out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object), pred=preds,
+                   mean_confidence=conf, model_name=np.full(len(status), self.model_cfg.name, dtype=object),
+                   checkpoint_id=np.full(len(status), self.checkpoint_id, dtype=object),
+                   predict_ms=np.full(len(status), (time.perf_counter() - t0) * 1000 / max(len(status), 1)))
+        return out
+
+
+def encode(batch: dict[str, Any], class_names: list[str], ignore_index: int | None = None) -> pa.Table:
+    """Class maps -> PNG bytes, class fractions and, with ground truth, per-image metrics."""
+    k = metric_num_classes(len(class_names) if len(class_names) > 1 else 1)
+    rows: dict[str, list] = {f.name: [] for f in OUTPUT_SCHEMA}
+    n = len(batch["status"])
+    for i in range(n):
+        ok = batch["status"][i] == "ok"
+        pred = batch["pred"][i]
+        has_gt = ok and bool(batch["has_gt"][i])
+        metrics: dict[str, Any] = {"pixel_accuracy": None, "iou": None, "dice": None, "confusion": None}
+        if has_gt:
+            cm = confusion_matrix(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(batch["gt"][i]), k, ignore_index)
+            m = segmentation_metrics(cm, class_names)
+            metrics = {
+                "pixel_accuracy": m["pixel_accuracy"],
+                "iou": [v for key, v in m.items() if key.startswith("iou/")],
+                "dice": [v for key, v in m.items() if key.startswith("dice/")],
+                "confusion": cm.flatten().tolist(),
+            }
+        for col in ("image_id", "source_path", "status", "error", "height", "width", "bands",
+                    "model_name", "checkpoint_id", "decode_ms", "predict_ms"):
+            v = batch[col][i]
+            rows[col].append(v.item() if isinstance(v, np.generic) else v)
+        rows["error"][-1] = rows["error"][-1] or None
+        rows["mask_png"].append(masks.encode_png(pred) if ok else None)
+        rows["class_fractions"].append(masks.class_fractions(pred, k).tolist() if ok else None)
+        conf = float(batch["mean_confidence"][i])
+        rows["mean_confidence"].append(conf if ok else None)
+        rows["has_ground_truth"].append(has_gt)
+        for key, v in metrics.items():
+            rows[key].append(v)
+    return pa.Table.from_pydict(rows, schema=OUTPUT_SCHEMA)

@@ -13,6 +13,7 @@ from segray.config import (
     ConfigError,
     DemoJobConfig,
     InferJobConfig,
+    SceneInferJobConfig,
     TrainJobConfig,
     build_config,
     dump_config,
@@ -58,11 +59,15 @@ def _init_ray() -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML training config (local path or fsspec URL)."),
+    config: str = typer.Argument(..., help="YAML training config (local path or fsspec URL)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
-    """Train a semantic segmentation model with Ray Train (DDP over train.num_workers workers)."""
+    """Train a segmentation model with Ray Train (DDP over train.num_workers workers).
+
+    Semantic models (U-Net, FCN, DeepLabV3) on class maps, or Mask R-CNN on instances
+    (data.format instance_masks or coco).
+    """
     job = _load(TrainJobConfig, config, set_)
     if print_config:
         console.print(dump_config(job))
@@ -77,7 +82,7 @@ def train(
 
 @app.command()
 def infer(
-    config: Path = typer.Argument(..., help="YAML inference config (local path or fsspec URL)."),
+    config: str = typer.Argument(..., help="YAML inference config (local path or fsspec URL)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
@@ -93,6 +98,28 @@ def infer(
     print_table("inference summary", infer_rows(summary))
 
 
+@app.command("segment-scenes")
+def segment_scenes(
+    config: str = typer.Argument(..., help="YAML scene config (local path or fsspec URL)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Segment GeoTIFF/COG scenes of any size: overlapping tiles on Ray Data, stitched seam-free.
+
+    Writes masks/ (COG per scene), scenes.parquet, polygons.parquet (GeoParquet), summary.parquet
+    and, if asked, probabilities/ and tiles.parquet.
+    """
+    job = _load(SceneInferJobConfig, config, set_)
+    if print_config:
+        console.print(dump_config(job))
+        return
+    from segray.infer.scenes import run_scenes, summary_rows
+
+    _init_ray()
+    summary = _run(lambda: run_scenes(job))
+    print_table("scene segmentation summary", summary_rows(summary))
+
+
 @app.command()
 def demo(
     config: Optional[Path] = typer.Argument(None, help="Optional YAML demo config."),
@@ -102,6 +129,8 @@ def demo(
 
     Runs on a local Ray with local files and no network. Outputs go to workdir
     (default ./segray-demo): data/, runs/ (checkpoints, curves.png), predictions/, overlays.png.
+    With --set task=instance: separate buildings, fields and vehicles, Mask R-CNN, COCO metrics
+    and coco_results.json.
     """
     cfg = _load(DemoJobConfig, config, set_)
     from segray.demo import run_demo
@@ -110,14 +139,236 @@ def demo(
     _run(lambda: run_demo(cfg))
 
 
+@app.command("export-coco")
+def export_coco_cmd(
+    predictions: str = typer.Argument(..., help="Instance predictions: the predictions/ Parquet folder (local or s3://)."),
+    output: str = typer.Argument(..., help="COCO results JSON to write (local or s3://)."),
+    gt: Optional[str] = typer.Option(None, "--gt", help="COCO ground-truth JSON: take image and category ids from it."),
+    min_score: float = typer.Option(0.0, "--min-score", help="Leave out detections scoring below this."),
+) -> None:
+    """Export Mask R-CNN predictions to a COCO results JSON (image_id, category_id, bbox, score, RLE)."""
+    from segray.infer.export import export_coco
+
+    out = _run(lambda: export_coco(predictions, output, gt_json=gt, min_score=min_score))
+    print_table("COCO export", [("detections", out["detections"]), ("images", out["images"]),
+                                ("rows read", out["rows"]), ("output", out["output"])])
+
+
+@app.command()
+def nightly(
+    config: str = typer.Argument(..., help="YAML nightly config (local path or fsspec URL)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+) -> None:
+    """Incremental archive run: segment only new or changed images into run_date=YYYY-MM-DD/.
+
+    Lists the archive (source), skips every image a committed earlier night already processed
+    (same path, size and etag/mtime), writes the rest as Parquet into the night's partition and
+    commits it with a _SUCCESS record written last. Rerunning a night is safe: a committed
+    night is a no-op (rebuild=true recomputes it), an uncommitted one is redone.
+    """
+    from segray.config import NightlyJobConfig
+
+    job = _load(NightlyJobConfig, config, set_)
+    if print_config:
+        console.print(dump_config(job))
+        return
+    from segray.infer.nightly import run_nightly, summary_rows
+
+    _init_ray()
+    summary = _run(lambda: run_nightly(job))
+    print_table("nightly run", summary_rows(summary))
+
+
+def _jobs_address(address: Optional[str]) -> str:
+    if not address:
+        console.print("[bold red]error:[/] give --address http://HOST:8265 (the Ray dashboard) or set RAY_ADDRESS")
+        raise typer.Exit(2)
+    return address
+
+
+def _jobs_client(address: Optional[str]):
+    from segray.submit import ClusterError, client_for
+
+    try:
+        return client_for(_jobs_address(address))
+    except ClusterError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+
+
+ADDRESS_HELP = "Ray Jobs API (dashboard) address, e.g. http://HOST:8265; default $RAY_ADDRESS."
+
+
+@app.command()
+def submit(
+    job: str = typer.Argument(..., help="train | train-instance | infer | segment-scenes | nightly"),
+    config: str = typer.Argument(..., help="YAML config (local path or fsspec URL); validated here first."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    submission_id: Optional[str] = typer.Option(
+        None, "--id", help="Submission id (default: segray-<job>-<YYYYMMDD>-<hash of job and resolved config>)."),
+    rerun: bool = typer.Option(False, "--rerun", help="The id exists already: submit a new attempt <id>-rN."),
+    working_dir: Optional[Path] = typer.Option(
+        None, "--working-dir", help="Uploaded as the job's working dir (default: the segray checkout)."),
+    image: bool = typer.Option(
+        False, "--image", help="Upload nothing: run the segray installed in the cluster's image."),
+    exclude: Optional[list[str]] = typer.Option(None, "--exclude", help="More upload excludes (gitignore style)."),
+    pip: Optional[list[str]] = typer.Option(None, "--pip", help="A pip requirement for the job (repeatable)."),
+    env: Optional[list[str]] = typer.Option(
+        None, "--env", help="KEY (its local value) or KEY=VALUE into the job's environment (repeatable)."),
+    env_from_local: bool = typer.Option(
+        False, "--env-from-local", help="Pass every local AWS_* variable (object storage credentials, endpoint)."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Submit and return; do not follow the logs."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the submission; submit nothing."),
+) -> None:
+    """Submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its result.
+
+    The config is validated locally first. Submitting the same job and config again on the
+    same day finds the job already submitted and attaches to it (no duplicate). Exit code 0
+    when the job SUCCEEDED, 1 when it FAILED or was STOPPED (the reason is printed), 2 for a
+    bad config or command line.
+    """
+    import json
+
+    from segray.submit import ClusterError, exit_code, follow, prepare, status_of
+    from segray.submit import submit as submit_job
+
+    sub = _run(lambda: prepare(job, config, set_, working_dir=working_dir, image=image, pip=pip, env=env,
+                               env_from_local=env_from_local, excludes=exclude, submission_id=submission_id))
+    for w in sub.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    if dry_run:
+        console.print_json(json.dumps(sub.describe()))
+        return
+    client = _jobs_client(address)
+    try:
+        sid, attached = submit_job(client, sub, rerun=rerun)
+    except ClusterError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    if attached:
+        console.print(f"job [bold]{sid}[/] was already submitted: attaching to it (--rerun starts a new attempt)")
+    else:
+        console.print(f"submitted [bold]{sid}[/]: {sub.entrypoint}")
+    if no_wait:
+        console.print(f"follow: segray jobs logs {sid} --follow;  stop: segray jobs stop {sid}")
+        return
+    try:
+        info = follow(client, sid, console)
+    except KeyboardInterrupt:
+        console.print(f"\ndetached; the job keeps running: segray jobs logs {sid} --follow / segray jobs stop {sid}")
+        raise typer.Exit(130) from None
+    code = exit_code(info)
+    if code == 0:
+        console.print(f"[bold green]job {sid} SUCCEEDED[/]")
+    else:
+        typer.echo(f"job {sid} {status_of(info)}: {info.message}", err=True)
+    raise typer.Exit(code)
+
+
+jobs_app = typer.Typer(help="Jobs on a Ray cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    all_: bool = typer.Option(False, "--all", help="Also drivers that connected directly (not submitted)."),
+) -> None:
+    """Submitted jobs, newest first: id, status, start, duration, entrypoint, message."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from segray.submit import status_of
+
+    jobs = [j for j in _jobs_client(address).list_jobs() if all_ or j.submission_id]
+    table = Table(title=f"{len(jobs)} job(s)", title_justify="left")
+    table.add_column("submission id", no_wrap=True)
+    for col in ("status", "started (UTC)", "duration", "entrypoint", "message"):
+        table.add_column(col, overflow="fold")
+    for j in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True):
+        start = dt.datetime.fromtimestamp(j.start_time / 1000, dt.timezone.utc) if j.start_time else None
+        dur = ((j.end_time or dt.datetime.now().timestamp() * 1000) - j.start_time) / 1000 if j.start_time else None
+        table.add_row(j.submission_id or j.job_id or "-", status_of(j), f"{start:%Y-%m-%d %H:%M:%S}" if start else "-",
+                      f"{dur:,.0f}s" if dur is not None else "-", j.entrypoint or "-",
+                      ((j.message or "").splitlines() or [""])[0][:200])
+    console.print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    submission_id: str = typer.Argument(..., help="Submission id."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+) -> None:
+    """Print a job's status and message; exit 0 if it SUCCEEDED, 1 if FAILED/STOPPED, 3 while running."""
+    from segray.submit import TERMINAL, exit_code, job_info, status_of
+
+    info = job_info(_jobs_client(address), submission_id)
+    if info is None:
+        console.print(f"[bold red]error:[/] no job {submission_id}")
+        raise typer.Exit(2)
+    console.print(f"{submission_id}: {status_of(info)}  {info.message or ''}")
+    raise typer.Exit(exit_code(info) if status_of(info) in TERMINAL else 3)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    submission_id: str = typer.Argument(..., help="Submission id."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="Follow until the job ends; exit with its result."),
+) -> None:
+    """Print a job's logs (driver stdout/stderr)."""
+    from segray.submit import exit_code, follow, job_info
+
+    client = _jobs_client(address)
+    if job_info(client, submission_id) is None:
+        console.print(f"[bold red]error:[/] no job {submission_id}")
+        raise typer.Exit(2)
+    if follow_:
+        raise typer.Exit(exit_code(follow(client, submission_id, console)))
+    typer.echo(client.get_job_logs(submission_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    submission_id: str = typer.Argument(..., help="Submission id."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the job has stopped."),
+) -> None:
+    """Stop a running job (SIGTERM to its driver, then SIGKILL)."""
+    import time
+
+    from segray.submit import TERMINAL, job_info, status_of
+
+    client = _jobs_client(address)
+    info = job_info(client, submission_id)
+    if info is None:
+        console.print(f"[bold red]error:[/] no job {submission_id}")
+        raise typer.Exit(2)
+    if status_of(info) in TERMINAL:
+        console.print(f"{submission_id} already ended: {status_of(info)}")
+        return
+    client.stop_job(submission_id)
+    deadline = time.monotonic() + 120
+    while wait and status_of(info) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(1)
+        info = client.get_job_info(submission_id)
+    console.print(f"{submission_id}: {status_of(info)}")
+
+
 @app.command("show-config")
 def show_config(
-    job: str = typer.Argument(..., help="train | infer | demo"),
+    job: str = typer.Argument(..., help="train | infer | demo | scenes | nightly"),
     config: Optional[Path] = typer.Argument(None, help="YAML config to resolve (optional for demo)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Validate a config and print it with every default filled in."""
-    classes = {"train": TrainJobConfig, "infer": InferJobConfig, "demo": DemoJobConfig}
+    from segray.config import NightlyJobConfig
+
+    classes = {"train": TrainJobConfig, "infer": InferJobConfig, "demo": DemoJobConfig,
+               "scenes": SceneInferJobConfig, "nightly": NightlyJobConfig}
     if job not in classes:
         console.print(f"[bold red]error:[/] job must be one of {', '.join(classes)}")
         raise typer.Exit(2)

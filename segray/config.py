@@ -7,6 +7,8 @@ error names the field (``train.epochs: Input should be greater than 0``).
 from __future__ import annotations
 
 import copy
+import datetime as _dt
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
@@ -53,8 +55,20 @@ class SourceConfig(_Strict):
         return self
 
 
+SEMANTIC_MODELS = ("unet", "fcn_resnet50", "deeplabv3_resnet50")
+INSTANCE_MODELS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+# What an instance run reports each epoch (COCOeval over the validation set; -1 where undefined).
+INSTANCE_METRICS = tuple(
+    f"val_{t}_{m}" for t in ("segm", "bbox")
+    for m in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ar1", "ar10", "ar", "ar_small",
+              "ar_medium", "ar_large")
+) + ("train_loss",)
+
+
 class ModelConfig(_Strict):
-    name: Literal["unet", "fcn_resnet50", "deeplabv3_resnet50"] = "unet"
+    name: Literal[
+        "unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"
+    ] = "unet"
     in_channels: int = Field(default=3, gt=0)
     num_classes: int = Field(default=2, gt=0, description="1 = binary with one logit")
     depth: int = Field(default=4, ge=1, le=7)
@@ -64,6 +78,40 @@ class ModelConfig(_Strict):
     down: Literal["maxpool", "conv"] = "maxpool"
     up: Literal["transpose", "bilinear"] = "transpose"
     weights: Optional[str] = Field(default=None, description="local/fsspec path of a state dict or segray checkpoint")
+    # ---- Mask R-CNN only (ignored by the semantic models); num_classes counts the background.
+    backbone_weights: Optional[str] = Field(
+        default=None, description="Mask R-CNN: local/fsspec path of a ResNet-50 state dict for the backbone only")
+    trainable_backbone_layers: int = Field(
+        default=3, ge=0, le=5, description="Mask R-CNN: trainable ResNet stages from the top (5 = all, 0 = frozen)")
+    frozen_batch_norm: bool = Field(
+        default=False, description="Mask R-CNN: FrozenBatchNorm2d in the backbone (use with pretrained weights)")
+    min_size: int = Field(default=800, gt=0, description="Mask R-CNN: resize so the short side is min_size ...")
+    max_size: int = Field(default=1333, gt=0, description="... and the long side at most max_size")
+    anchor_sizes: list[int] = Field(
+        default_factory=lambda: [32, 64, 128, 256, 512], description="Mask R-CNN: one anchor size per FPN level (5)")
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], description="Mask R-CNN anchors")
+    box_score_thresh: float = Field(default=0.05, ge=0, le=1, description="Mask R-CNN: minimum detection score")
+    box_nms_thresh: float = Field(default=0.5, gt=0, le=1, description="Mask R-CNN: per-class NMS IoU")
+    box_detections_per_img: int = Field(default=100, gt=0, description="Mask R-CNN: most detections per image")
+    mask_threshold: float = Field(default=0.5, gt=0, lt=1, description="Mask R-CNN: mask probability -> pixel")
+    rpn_proposals_train: int = Field(default=2000, gt=0, description="Mask R-CNN: RPN proposals kept in training")
+    rpn_proposals_test: int = Field(default=1000, gt=0, description="Mask R-CNN: RPN proposals kept in inference")
+    box_batch_size_per_image: int = Field(default=512, gt=0, description="Mask R-CNN: RoIs sampled per training image")
+
+    @model_validator(mode="after")
+    def _detection_fields(self) -> "ModelConfig":
+        if self.name in INSTANCE_MODELS:
+            if self.num_classes < 2:
+                raise ValueError("num_classes: Mask R-CNN counts the background, so it needs at least 2")
+            if self.min_size > self.max_size:
+                raise ValueError(f"min_size {self.min_size} is larger than max_size {self.max_size}")
+            if len(self.anchor_sizes) != 5 or min(self.anchor_sizes) <= 0:
+                raise ValueError("anchor_sizes: give 5 positive sizes, one per FPN level")
+            if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+                raise ValueError("aspect_ratios: give positive ratios")
+        elif self.backbone_weights:
+            raise ValueError("backbone_weights: only Mask R-CNN models take backbone weights")
+        return self
 
 
 class LossTerm(_Strict):
@@ -93,8 +141,75 @@ class AugmentConfig(_Strict):
     contrast: float = Field(default=0.1, ge=0, le=1)
 
 
+class BandStatsConfig(_Strict):
+    """Per-band normalisation ``(x - mean) / std``, in the order of the bands read."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "BandStatsConfig":
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per band (got {len(self.mean)} and {len(self.std)})")
+        if min(self.std) <= 0:
+            raise ValueError("std values must be positive")
+        return self
+
+
+class ChipsConfig(_Strict):
+    """Training windows ("chips") cut from GeoTIFF/COG scenes of any size, read windowed.
+
+    Labels come from the raster paired with each scene by ``source.masks`` or the manifest's
+    second column (pixel-aligned with the scene; ``label_values`` remaps values,
+    ``label_nodata`` pixels are ignored), or from polygons in ``vector_labels`` (GeoJSON or
+    GeoParquet, reprojected to the scene's CRS and rasterised per chip; ``{stem}`` in the
+    path becomes the scene's file stem). Pixels that are nodata in the image or the label, or
+    outside the scene, get ``data.ignore_index``: they count in neither loss nor metrics.
+    """
+
+    size: int = Field(default=256, ge=16, description="chip side in pixels")
+    mode: Literal["random", "grid"] = "random"
+    per_scene: Optional[int] = Field(
+        default=16, gt=0, description="random: windows per scene; grid: a seeded subset of this many (None = all)")
+    overlap: int = Field(default=0, ge=0, description="grid: overlap of neighbouring chips")
+    vector_labels: Optional[str] = Field(default=None, description="GeoJSON/GeoParquet polygons; '{stem}' = scene stem")
+    label_attribute: Optional[str] = Field(
+        default=None, description="vector: property/column holding the class; None = every polygon is class 1")
+    class_map: Optional[dict[str, int]] = Field(
+        default=None, description="vector: property value -> class id (default: the value as an integer)")
+    label_values: Optional[dict[int, int]] = Field(
+        default=None, description="raster: label value -> class id, e.g. {255: 1}; unlisted values stay")
+    label_nodata: Optional[int] = Field(default=None, description="raster: label value meaning 'no label'")
+    nodata: Optional[float] = Field(default=None, description="image nodata for files without the tag")
+    min_valid_fraction: float = Field(default=0.5, ge=0, le=1, description="drop chips with fewer labelled pixels")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChipsConfig":
+        if self.mode == "grid" and self.overlap >= self.size:
+            raise ValueError(f"overlap {self.overlap} must be smaller than size {self.size}")
+        if self.mode == "random" and self.per_scene is None:
+            raise ValueError("per_scene: random chips need a count per scene")
+        if self.vector_labels is None and (self.label_attribute or self.class_map):
+            raise ValueError("label_attribute/class_map only apply to vector_labels")
+        return self
+
+
 class DataConfig(_Strict):
+    """Training data. ``format`` says what the labels are:
+
+    - ``semantic``: ``source.masks`` are class maps (one class index per pixel);
+    - ``instance_masks``: ``source.masks`` are instance-id maps (0 background, 1..N one object
+      each; ``ignore_index`` pixels belong to none); the class of each object is the majority
+      value of the class map in ``class_masks`` (paired by file stem), or 1 for all without it;
+    - ``coco``: ``coco_json`` (polygons or RLE) describes the images named by ``source``,
+      matched by ``file_name``; categories map to ``class_names`` by name.
+    """
+
     source: SourceConfig
+    format: Literal["semantic", "instance_masks", "coco"] = "semantic"
+    coco_json: Optional[str] = Field(default=None, description="COCO instances JSON (format: coco), any fsspec URL")
+    class_masks: Optional[str] = Field(
+        default=None, description="folder of class maps paired with the instance masks by stem (format: instance_masks)")
     class_names: list[str] = Field(default_factory=lambda: ["background", "foreground"])
     ignore_index: Optional[int] = Field(default=None, description="label value excluded from loss and metrics")
     bands: Optional[list[int]] = Field(default=None, description="0-based bands to read, in order; None = all")
@@ -102,11 +217,50 @@ class DataConfig(_Strict):
     val_fraction: float = Field(default=0.2, ge=0, lt=1)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    chips: Optional[ChipsConfig] = Field(default=None, description="train on windows cut from GeoTIFF/COG scenes")
+    band_stats: Optional[BandStatsConfig] = Field(
+        default=None, description="fixed normalisation; None = computed from a sample of the training data")
+
+    @property
+    def task(self) -> str:
+        return "semantic" if self.format == "semantic" else "instance"
+
+    @model_validator(mode="after")
+    def _chips_fields(self) -> "DataConfig":
+        if self.chips is None:
+            return self
+        if self.format != "semantic":
+            raise ValueError("chips: scene chips carry semantic labels (format 'semantic')")
+        if self.image_size is not None:
+            raise ValueError("image_size: chips have chips.size; leave image_size unset")
+        if self.ignore_index is None and (self.chips.label_nodata is not None or self.chips.nodata is not None):
+            raise ValueError("ignore_index: nodata pixels need an ignore_index to be left out of loss and metrics")
+        return self
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> "DataConfig":
+        if self.format == "coco" and not self.coco_json:
+            raise ValueError("coco_json: format 'coco' needs the COCO JSON file")
+        if self.format != "coco" and self.coco_json:
+            raise ValueError(f"coco_json: only read with format 'coco' (format is {self.format!r})")
+        if self.format != "instance_masks" and self.class_masks:
+            raise ValueError(f"class_masks: only read with format 'instance_masks' (format is {self.format!r})")
+        if self.format != "semantic" and self.image_size is not None:
+            raise ValueError("image_size: instance data keeps its size; Mask R-CNN resizes by model.min_size/max_size")
+        return self
 
 
 class OptimConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal["cosine", "step", "constant"] = Field(default="cosine", description="per-epoch LR decay")
+    step_size: int = Field(default=10, gt=0, description="schedule 'step': epochs between decays")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="schedule 'step': LR factor per decay")
+    warmup_steps: int = Field(default=0, ge=0, description="linear LR warm-up over this many optimizer steps")
+    warmup_factor: float = Field(default=0.001, gt=0, le=1, description="LR factor at the first warm-up step")
+    grad_clip: Optional[float] = Field(default=None, gt=0, description="clip the gradient norm to this value")
 
 
 class TrainLoopConfig(_Strict):
@@ -133,10 +287,36 @@ class TrainJobConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
 
+    @property
+    def task(self) -> str:
+        return self.data.task
+
+    @model_validator(mode="after")
+    def _band_stats_channels(self) -> "TrainJobConfig":
+        stats = self.data.band_stats
+        if stats is not None and len(stats.mean) != self.model.in_channels:
+            raise ValueError(f"data.band_stats has {len(stats.mean)} bands, model.in_channels is {self.model.in_channels}")
+        return self
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainJobConfig":
         n = self.model.num_classes
         names = self.data.class_names
+        instance_model = self.model.name in INSTANCE_MODELS
+        if self.data.task == "instance" and not instance_model:
+            raise ValueError(f"model.name: data.format {self.data.format!r} needs one of {list(INSTANCE_MODELS)}")
+        if self.data.task == "semantic" and instance_model:
+            raise ValueError(f"data.format: model {self.model.name!r} needs 'instance_masks' or 'coco' data")
+        if instance_model:
+            if len(names) != n:
+                raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {n} "
+                                 "(Mask R-CNN: the first name is the background)")
+            if "metric" not in self.train.model_fields_set and self.train.metric == "val_miou":
+                self.train.metric = "val_segm_ap"  # the default metric of the task
+            if self.train.metric not in INSTANCE_METRICS:
+                raise ValueError(f"train.metric: {self.train.metric!r} is not an instance metric; "
+                                 f"use one of val_segm_ap, val_segm_ap50, val_bbox_ap, ... or train_loss")
+            return self
         if len(names) != max(n, 2) and not (n == 1 and len(names) in (1, 2)):
             raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {n}")
         if self.loss.class_weights is not None and len(self.loss.class_weights) != max(n, 1):
@@ -145,6 +325,8 @@ class TrainJobConfig(_Strict):
             raise ValueError("loss.terms: use 'bce', not 'ce', with model.num_classes=1")
         if self.model.num_classes > 1 and any(t.name == "bce" for t in self.loss.terms):
             raise ValueError("loss.terms: 'bce' needs model.num_classes=1")
+        if self.data.val_fraction == 0 and self.train.metric.startswith("val_"):
+            raise ValueError(f"train.metric: {self.train.metric!r} needs validation data (data.val_fraction > 0)")
         if self.data.bands is not None and len(self.data.bands) != self.model.in_channels:
             raise ValueError("data.bands must list model.in_channels bands")
         return self
@@ -161,16 +343,161 @@ class InferJobConfig(_Strict):
     cpus_per_task: float = Field(default=0.5, gt=0, description="decode/encode tasks")
     max_pixels: int = Field(default=64_000_000, gt=0, description="larger images become error rows")
     overwrite: bool = False
+    # ---- instance checkpoints (Mask R-CNN) only; with one, source.masks are instance-id maps
+    coco_json: Optional[str] = Field(
+        default=None, description="instance ground truth as COCO JSON (matched by file_name); adds COCO metrics")
+    class_masks: Optional[str] = Field(
+        default=None, description="class maps for instance-id ground truth in source.masks (paired by stem)")
+    score_threshold: Optional[float] = Field(
+        default=None, ge=0, le=1, description="instances: minimum score (default: the checkpoint's box_score_thresh)")
+    max_detections: Optional[int] = Field(
+        default=None, gt=0, description="instances: most per image (default: the checkpoint's box_detections_per_img)")
+    mask_threshold: Optional[float] = Field(
+        default=None, gt=0, lt=1, description="instances: mask probability cut (default: the checkpoint's)")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+def demo_instance_model() -> ModelConfig:
+    """The demo's Mask R-CNN: small inputs, small anchors, a light backbone update (CPU friendly)."""
+    return ModelConfig(name="maskrcnn_resnet50_fpn", num_classes=4, trainable_backbone_layers=2, min_size=256,
+                       max_size=320, anchor_sizes=[8, 16, 32, 64, 128])
 
 
 class DemoJobConfig(_Strict):
     workdir: str = "segray-demo"
+    task: Literal["semantic", "instance"] = Field(
+        default="semantic", description="semantic: U-Net on class maps; instance: Mask R-CNN on separate objects")
     num_images: int = Field(default=48, gt=1)
     image_size: int = Field(default=128, ge=32)
     seed: int = 0
     train: TrainLoopConfig = Field(default_factory=lambda: TrainLoopConfig(epochs=3, batch_size=8, patience=None))
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(num_classes=5, depth=3, base_width=16))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _instance_model_base(cls, data: Any) -> Any:
+        """task=instance: model fields given without a name refine the demo's Mask R-CNN."""
+        if isinstance(data, dict) and data.get("task") == "instance":
+            model = data.get("model")
+            if model is None or (isinstance(model, dict) and "name" not in model):
+                data = {**data, "model": {**demo_instance_model().model_dump(), **(model or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> "DemoJobConfig":
+        if self.task == "instance":
+            if self.model.name not in INSTANCE_MODELS:
+                raise ValueError(f"model.name: task 'instance' needs one of {list(INSTANCE_MODELS)}")
+            if "metric" not in self.train.model_fields_set:
+                self.train.metric = "val_segm_ap"
+            if "train" not in self.model_fields_set or "batch_size" not in self.train.model_fields_set:
+                self.train.batch_size = 2
+        elif self.model.name in INSTANCE_MODELS:
+            raise ValueError("task: a Mask R-CNN model needs task 'instance'")
+        return self
+
+
+class SceneInferJobConfig(_Strict):
+    """Segment GeoTIFF/COG scenes of any size: tiles with overlap -> actor pool -> blended,
+    georeferenced outputs per scene (COG mask, optional probabilities, Parquet rows, polygons).
+
+    Stitching is exact for a fully-convolutional model when ``margin`` covers the model's
+    receptive-field radius and ``overlap > 2 * margin`` (U-Net, maxpool/transpose: radius
+    ``6 * 2**depth - 2`` px, e.g. 22 for depth 2, 46 for depth 3); smaller margins still blend
+    seam-free but differ slightly from an untiled pass near tile edges.
+    """
+
+    source: SourceConfig = Field(description="scenes (.tif/.png/...); masks, if given, are ground truth for metrics")
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="output folder, local or s3://")
+    tile_size: int = Field(default=512, ge=32)
+    overlap: int = Field(default=128, ge=0)
+    margin: int = Field(default=32, ge=0, description="tile-edge pixels given ~0 weight (receptive-field radius)")
+    blend: Literal["cosine", "linear"] = "cosine"
+    tile_align: Optional[int] = Field(
+        default=None, gt=0, description="tile offsets are multiples of this; None = the model's downsampling factor")
+    block_size: int = Field(default=512, ge=128, description="output COG block = stitching block (multiple of 16)")
+    bands: Optional[list[int]] = Field(default=None, description="0-based bands, in order; None = the checkpoint's")
+    nodata: Optional[float] = Field(default=None, description="input nodata for files without the tag")
+    label_values: Optional[dict[int, int]] = Field(default=None, description="ground truth value -> class id")
+    label_nodata: Optional[int] = Field(default=None, description="ground truth value excluded from metrics")
+    write_probabilities: bool = False
+    probabilities_dtype: Literal["uint8", "float32"] = Field(
+        default="uint8", description="uint8: round(p * 254), nodata 255; float32: p, nodata NaN")
+    per_tile_rows: bool = Field(default=False, description="also write tiles.parquet, one row per tile")
+    polygons: bool = True
+    min_polygon_pixels: int = Field(default=0, ge=0, description="drop smaller polygons (after merging)")
+    polygon_max_vertices: int = Field(
+        default=500_000, gt=0, description="a region growing past this many vertices (e.g. a class percolating "
+        "through the scene as one web) is emitted in parts at block-row borders, flagged whole=false")
+    compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
+    work_dir: Optional[str] = Field(
+        default=None, description="per-tile probabilities between predict and stitch; default <output>/_work. "
+        "Must be reachable from every node (object storage or a shared filesystem)")
+    keep_work: bool = False
+    batch_size: int = Field(default=8, gt=0, description="tiles per model batch")
+    num_actors: int = Field(default=2, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    cpus_per_task: float = Field(default=0.5, gt=0, description="read, write and stitch tasks")
+    max_stitch_tasks: int = Field(default=2, gt=0, description="scenes stitched at once")
+    gdal_cache_mb: int = Field(
+        default=64, gt=0, description="GDAL block cache per worker process (GDAL's default, 5% of RAM, grows "
+        "with every block read or written until full)")
+    # ---- instance (Mask R-CNN) checkpoints only
+    score_threshold: Optional[float] = Field(default=None, ge=0, le=1, description="instances: minimum score")
+    max_detections: Optional[int] = Field(default=None, gt=0, description="instances: most per tile")
+    mask_threshold: Optional[float] = Field(default=None, gt=0, lt=1, description="instances: mask probability cut")
+    merge_ios: float = Field(
+        default=0.5, gt=0, le=1, description="instances: merge detections from different tiles whose masks overlap "
+        "by at least this fraction of the smaller one")
+    write_instances: bool = Field(default=True, description="instances: also write instances/<scene>.tif (uint32 ids)")
+    overwrite: bool = False
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SceneInferJobConfig":
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
+        if self.margin and self.overlap <= 2 * self.margin:
+            raise ValueError(f"margin: need overlap > 2 * margin (overlap {self.overlap}, margin {self.margin})")
+        if self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        return self
+
+
+class NightlyJobConfig(_Strict):
+    """Nightly incremental inference over a growing archive (``segray nightly``, jobs/nightly.py).
+
+    Each run lists the archive, skips every image whose (path, size, etag/mtime) a committed
+    earlier run already processed, segments the rest into ``<output>/run_date=YYYY-MM-DD/`` and
+    commits the partition with a ``_SUCCESS`` record written last (segray/infer/nightly.py).
+    Only semantic checkpoints; the actor settings mean what they mean in InferJobConfig.
+    """
+
+    source: SourceConfig = Field(description="the archive: images (a folder/prefix), glob, or manifest")
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="root of the partitioned output, local or s3:// (run_date=YYYY-MM-DD/ below)")
+    run_date: Optional[_dt.date] = Field(
+        default=None, description="the night to run (YYYY-MM-DD); default: today in UTC. Set it for backfills")
+    rebuild: bool = Field(
+        default=False, description="rerun a night that is already committed (default: rerunning it is a no-op)")
+    batch_size: int = Field(default=16, gt=0)
+    num_actors: int = Field(default=2, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    cpus_per_task: float = Field(default=0.5, gt=0, description="decode/encode tasks")
+    max_pixels: int = Field(default=64_000_000, gt=0, description="larger images become error rows")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    def night(self) -> _dt.date:
+        return self.run_date or _dt.datetime.now(_dt.timezone.utc).date()
+
+    def infer_config(self, output: str) -> InferJobConfig:
+        """The InferJobConfig of one night (same source, checkpoint and actor settings)."""
+        keep = ("source", "checkpoint", "batch_size", "num_actors", "num_gpus_per_actor", "cpus_per_actor",
+                "cpus_per_task", "max_pixels", "storage")
+        return InferJobConfig(output=output, **{k: getattr(self, k) for k in keep})
 
 
 # --------------------------------------------------------------------------- loading
@@ -221,10 +548,22 @@ def build_config(cls: type[C], data: dict | None = None, overrides: list[str] | 
         raise ConfigError(format_validation_error(err)) from None
 
 
+ENV_PREFIX = "env:"
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Read YAML from a local path or fsspec URL, apply overrides, validate."""
     data: dict = {}
-    if path is not None:
+    if path is not None and str(path).startswith(ENV_PREFIX):
+        # env:NAME = the YAML text in environment variable NAME (how `segray submit` ships a
+        # config that lives outside the uploaded working dir).
+        name = str(path)[len(ENV_PREFIX):]
+        if name not in os.environ:
+            raise ConfigError(f"config: environment variable {name} is not set")
+        data = yaml.safe_load(os.environ[name]) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    elif path is not None:
         import fsspec
 
         try:

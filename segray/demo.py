@@ -47,6 +47,10 @@ def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
     from segray.train.plots import plot_overlays
     from segray.train.trainer import run_training, summary_rows
 
+    if cfg.task == "instance":  # Mask R-CNN on separate objects: segray/demo_instance.py
+        from segray.demo_instance import run_instance_demo
+
+        return run_instance_demo(cfg)
     workdir = Path(cfg.workdir).resolve()
     console.rule("[bold]segray demo")
     console.print(f"1/3 generating {cfg.num_images} scenes of {cfg.image_size}px in {workdir / 'data'}")

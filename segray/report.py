@@ -34,6 +34,8 @@ def infer_rows(s: dict[str, Any], class_names: list[str] | None = None) -> list[
     if s.get("error_reasons"):
         rows.append(("error reasons", s["error_reasons"]))
     rows += [(k, s[k]) for k in ("miou", "pixel_accuracy", "mean_class_accuracy", "fwiou", "mean_dice") if k in s]
+    rows += [(k, s[k]) for k in ("num_instances", "mean_instances_per_image", "segm_ap", "segm_ap50", "segm_ap75",
+                                 "segm_ar", "bbox_ap", "bbox_ap50", "bbox_ap75", "bbox_ar") if k in s]
     rows += [(f"IoU {c}", s[f"iou/{c}"]) for c in class_names or [] if f"iou/{c}" in s]
     rows += [("predictions", s["predictions"]), ("summary", s["output"].rstrip("/") + "/summary.parquet")]
     return rows

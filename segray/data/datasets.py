@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from segray.config import DataConfig
-from segray.core.transforms import augment, compute_band_stats, resize_pair
+from segray.core.transforms import BandStats, augment, compute_band_stats, resize_pair
 from segray.infer.steps import read_decode
 from segray.io.fs import Sample, list_samples
 
@@ -57,9 +57,22 @@ def augment_batch(batch: dict[str, np.ndarray], augment_cfg: dict, ignore_index:
 
 
 def build_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
-    """Returns (train_ds, val_ds, band_stats); decoded pixels are materialized once, augmentation is lazy."""
+    """Returns (train_ds, val_ds, band_stats); decoded pixels are materialized once, augmentation is lazy.
+
+    Instance data (``cfg.format`` 'instance_masks' or 'coco') goes to
+    :func:`segray.data.instance_datasets.build_instance_datasets`.
+    """
     import ray
 
+    if cfg.task == "instance":
+        from segray.data.instance_datasets import build_instance_datasets
+
+        return build_instance_datasets(cfg, seed, parallelism)[:3]
+
+    if cfg.chips is not None:  # windows cut from GeoTIFF/COG scenes of any size
+        from segray.data.chips import build_chip_datasets
+
+        return build_chip_datasets(cfg, seed, parallelism)
     samples = list_samples(cfg.source, cfg.storage)
     missing = [s.image for s in samples if not s.mask]
     if missing:
@@ -81,7 +94,10 @@ def build_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     if train_ds.count() == 0:
         raise ValueError("data.source: no readable image/mask pair for training")
     # Band statistics from a sample: enough for normalisation, cheap on a big archive.
-    stats = compute_band_stats(row["image"] for row in train_ds.limit(STATS_SAMPLE).iter_rows())
+    if cfg.band_stats is not None:  # fixed by the config
+        stats = BandStats(mean=list(cfg.band_stats.mean), std=list(cfg.band_stats.std))
+    else:
+        stats = compute_band_stats(row["image"] for row in train_ds.limit(STATS_SAMPLE).iter_rows())
     train_ds = train_ds.map_batches(
         augment_batch,
         fn_kwargs={"augment_cfg": cfg.augment.model_dump(), "ignore_index": cfg.ignore_index},

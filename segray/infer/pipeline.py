@@ -40,6 +40,11 @@ def build_dataset(cfg: InferJobConfig, samples: list, payload: dict):
     import ray
     from ray.data import ActorPoolStrategy
 
+    if payload.get("task") == "instance" or cfg.coco_json or cfg.class_masks:  # Mask R-CNN: instance rows
+        from segray.infer.instance import build_instance_dataset
+
+        return build_instance_dataset(cfg, samples, payload)
+
     items = [{"image": s.image, "mask": s.mask or "", "image_id": s.image_id} for s in samples]
     # Blocks of a few batches: enough blocks to keep every actor busy, few enough to stay cheap.
     blocks = max(1, min(len(items), max(cfg.num_actors * 4, math.ceil(len(items) / (cfg.batch_size * 2)))))
@@ -88,6 +93,10 @@ def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
 
 
 def summarize(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int, wall_s: float) -> dict[str, Any]:
+    if payload.get("task") == "instance":
+        from segray.infer.instance import summarize_instances
+
+        return summarize_instances(cfg, payload, ckpt_id, num_inputs, wall_s)
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
     cols = ["status", "error", "height", "width", "confusion", "decode_ms", "predict_ms"]
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cols)

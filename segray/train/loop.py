@@ -1,4 +1,10 @@
-"""The per-worker training loop (runs inside Ray Train workers, DDP over gloo or NCCL)."""
+"""The per-worker training loop (runs inside Ray Train workers, DDP over gloo or NCCL).
+
+One loop for every model family: a task (:mod:`segray.train.tasks`) supplies the model, how a
+shard becomes batches, the loss and the validation metrics; the loop owns the optimizer, the
+LR schedule (warm-up, cosine/step), AMP, gradient clipping, early stopping, checkpoints and
+resuming from Ray Train's latest checkpoint after a lost worker.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +13,23 @@ import tempfile
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from segray.config import TrainJobConfig
 from segray.core.checkpoint import FILENAME, load_payload, make_payload, save_payload
-from segray.core.losses import build_loss
-from segray.core.metrics import SegmentationMeter, segmentation_metrics
-from segray.core.models import build_model
+from segray.core.optim import build_optimizer, lr_factor, set_lr
+from segray.train.tasks import all_reduce, make_task
 
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def _resume(model, opt, sched) -> dict[str, Any]:
+def _resume(model, opt) -> dict[str, Any]:
     """Restores model, optimizer and loop state from Ray Train's latest checkpoint, if any."""
     import ray.train
 
-    state = {"epoch": 0, "best": None, "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "step": 0, "best": None, "bad_epochs": 0, "history": []}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return state
@@ -39,8 +38,8 @@ def _resume(model, opt, sched) -> dict[str, Any]:
     model.load_state_dict(payload["model_state"])
     ts = payload["train_state"]
     opt.load_state_dict(ts["optimizer"])
-    sched.load_state_dict(ts["scheduler"])
     state.update({k: ts[k] for k in ("epoch", "best", "bad_epochs", "history")})
+    state["step"] = ts.get("step", 0)
     state["resumed_from_epoch"] = ts["epoch"]
     return state
 
@@ -55,59 +54,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     torch.manual_seed(t.seed)
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-
-    model = build_model(job.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=job.optim.lr, weight_decay=job.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t.epochs)
-    state = _resume(model, opt, sched)
-    model = ray.train.torch.prepare_model(model)
-
-    mean = torch.tensor(band_stats["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(band_stats["std"], device=device).view(1, -1, 1, 1)
-    loss_fn = build_loss(job.loss, job.model.num_classes, job.data.ignore_index).to(device)
     use_amp = t.amp and device.type == "cuda"
+    task = make_task(job, band_stats, device, use_amp)
+
+    model = task.build_model()
+    opt = build_optimizer(job.optim, model.parameters())
+    state = _resume(model, opt)
+    model = ray.train.torch.prepare_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    dtypes = {"image": torch.float32, "mask": torch.int64}
-    names = job.data.class_names
 
     for epoch in range(state["epoch"], t.epochs):
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # train loss sum, train n, val loss sum, val n
-        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=t.batch_size, dtypes=dtypes, device=device, drop_last=True  # BatchNorm needs > 1
-        ):
-            x, y = (batch["image"] - mean) / std, batch["mask"]
+        sums: dict[str, float] = {"loss": 0.0, "n": 0.0}
+        lr = job.optim.lr
+        for batch in task.train_batches(ray.train.get_dataset_shard("train")):
+            lr = job.optim.lr * lr_factor(job.optim, t.epochs, epoch, state["step"])
+            set_lr(opt, lr)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(model(x), y)
+                loss, n, parts = task.loss(model, batch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if job.optim.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
             scaler.step(opt)
             scaler.update()
-            sums[0] += loss.item() * len(y)
-            sums[1] += len(y)
-        if sums[1] == 0:
+            state["step"] += 1
+            sums["loss"] += loss.item() * n
+            sums["n"] += n
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * n
+        if sums["n"] == 0:
             raise ValueError(f"train.batch_size: {t.batch_size} is more than this worker's share of the data")
-        sched.step()
+        keys = sorted(sums)  # same keys on every rank: the task always reports the same parts
+        totals = all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        reduced = dict(zip(keys, totals.tolist()))
 
-        meter = SegmentationMeter(job.model.num_classes, ignore_index=job.data.ignore_index)
-        val = ray.train.get_dataset_shard("val") if config["has_val"] else None
         model.eval()
-        with torch.no_grad():
-            for batch in val.iter_torch_batches(batch_size=t.batch_size, dtypes=dtypes, device=device) if val else []:
-                x, y = (batch["image"] - mean) / std, batch["mask"]
-                with torch.autocast(device.type, enabled=use_amp):
-                    logits = model(x).float()
-                sums[2] += loss_fn(logits, y).item() * len(y)
-                sums[3] += len(y)
-                meter.update(logits.cpu(), y.cpu())
-        _all_reduce(sums)
-        cm = _all_reduce(meter.cm.clone())
+        val = ray.train.get_dataset_shard("val") if config["has_val"] else None
+        # The trainer does not split validation (see trainer.build_trainer): every worker reads it
+        # whole and evaluates its part, so each image counts once and no worker runs out of rows.
+        part = (rank, ray.train.get_context().get_world_size()) if config.get("val_whole") else None
+        # The bare module: DDP's forward would broadcast buffers, a collective that ranks with
+        # different numbers of validation batches would never all reach.
+        bare = getattr(model, "module", model)
+        val_metrics = task.validate(bare, val, part) if config["has_val"] else {}
 
-        metrics: dict[str, float] = {"epoch": epoch + 1, "lr": sched.get_last_lr()[0],
-                                     "train_loss": (sums[0] / sums[1].clamp(min=1)).item()}
-        if sums[3] > 0:
-            metrics["val_loss"] = (sums[2] / sums[3]).item()
-            metrics.update({f"val_{key}": v for key, v in segmentation_metrics(cm, names).items()})
+        metrics: dict[str, float] = {"epoch": epoch + 1, "lr": lr, "train_loss": reduced["loss"] / max(reduced["n"], 1)}
+        metrics.update({k: v / max(reduced["n"], 1) for k, v in reduced.items() if k.startswith("train_")})
+        metrics.update(val_metrics)
         if "resumed_from_epoch" in state:
             metrics["resumed_from_epoch"] = state["resumed_from_epoch"]
         score = metrics.get(t.metric)
@@ -125,13 +121,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               **{k2: state[k2] for k2 in ("epoch", "best", "bad_epochs", "history")}}
+                train_state = {"optimizer": opt.state_dict(),
+                               **{k2: state[k2] for k2 in ("epoch", "step", "best", "bad_epochs", "history")}}
                 payload = make_payload(
-                    model, job.model.model_dump(mode="json"), job.data.class_names, band_stats,
+                    model, job.model.model_dump(mode="json"), job.data.class_names, band_stats, task=task.name,
                     ignore_index=job.data.ignore_index, bands=job.data.bands, image_size=job.data.image_size,
                     metrics=metrics, train_state=train_state,
                 )
+                if config.get("category_ids") is not None:
+                    payload["category_ids"] = list(config["category_ids"])
                 save_payload(payload, os.path.join(d, FILENAME))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)

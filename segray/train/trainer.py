@@ -23,15 +23,16 @@ class TrainResult:
     curves_png: str | None
 
 
-def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, category_ids: list[int] | None = None):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = job.train
     fs, storage_path = pyarrow_fs(t.storage_path, job.data.storage)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "band_stats": band_stats, "has_val": "val" in datasets},
+        train_loop_config={"job": job.model_dump(mode="json"), "band_stats": band_stats, "has_val": "val" in datasets,
+                           "category_ids": category_ids, "val_whole": True},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -47,6 +48,7 @@ def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict):
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
         datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # see loop.py: validation is read whole
     )
 
 
@@ -60,13 +62,18 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     import ray
 
     from segray.data.datasets import build_datasets
+    from segray.data.instance_datasets import build_instance_datasets
     from segray.train.plots import plot_curves
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    train_ds, val_ds, stats = build_datasets(job.data, seed=job.train.seed)
+    category_ids = None
+    if job.task == "instance":  # COCO category ids travel in the checkpoint, for COCO exports
+        train_ds, val_ds, stats, category_ids = build_instance_datasets(job.data, seed=job.train.seed)
+    else:
+        train_ds, val_ds, stats = build_datasets(job.data, seed=job.train.seed)
     datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
-    result = build_trainer(job, datasets, stats.to_dict()).fit()
+    result = build_trainer(job, datasets, stats.to_dict(), category_ids).fit()
     if result.error:
         raise result.error
 
@@ -90,6 +97,8 @@ def summary_rows(result: TrainResult, class_names: list[str]) -> list[tuple[str,
     m = result.best_metrics
     rows = [("epochs run", len(result.history))]
     rows += [(k, m[k]) for k in ("epoch", "val_miou", "val_pixel_accuracy", "val_mean_class_accuracy",
-                                 "val_fwiou", "val_mean_dice", "val_loss", "train_loss") if k in m]
+                                 "val_fwiou", "val_mean_dice", "val_segm_ap", "val_segm_ap50", "val_segm_ap75",
+                                 "val_segm_ar", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_bbox_ar",
+                                 "val_loss", "train_loss") if k in m]
     rows += [(f"IoU {c}", m[f"val_iou/{c}"]) for c in class_names if f"val_iou/{c}" in m]
     return rows

@@ -8,7 +8,7 @@ from segray.core.models.unet import UNet
 
 
 def test_registry_lists_config_names():
-    assert set(MODELS) == {"unet", "fcn_resnet50", "deeplabv3_resnet50"}
+    assert set(MODELS) == {"unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
     with pytest.raises(ValueError):
         build_model(ModelConfig.model_construct(name="segformer"))
 

@@ -54,11 +54,14 @@ def build_model(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Mod
     """Build ``cfg.name``; load ``cfg.weights`` (opened with ``storage_options``) when set."""
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model {cfg.name!r}; available: {sorted(MODELS)}")
-    model = MODELS[cfg.name](cfg)
+    builder = MODELS[cfg.name]
+    if getattr(builder, "handles_weights", False):  # Mask R-CNN: full or backbone weights, its own rules
+        return builder(cfg, storage_options)
+    model = builder(cfg)
     if cfg.weights:
         load_weights(model, cfg.weights, storage_options)
     return model
 
 
 # Imported last: the modules register themselves with the decorator defined above.
-from segray.core.models import torchvision_seg, unet  # noqa: E402,F401
+from segray.core.models import maskrcnn, torchvision_seg, unet  # noqa: E402,F401

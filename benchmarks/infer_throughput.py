@@ -12,8 +12,7 @@ and the CPU seconds each kind of process used (where the cores go).
 
     python benchmarks/infer_throughput.py                      # CPU, N=2000 images of 256x256
     python benchmarks/infer_throughput.py --num-images 400     # quicker
-    python benchmarks/infer_throughput.py --device cuda --num-actors 1 --num-gpus-per-actor 1 \\
-        --batch-size 64                                        # GPU (AMP)
+    python benchmarks/infer_throughput.py --device cuda --batch-size 64   # GPU (AMP), one actor per GPU
 
 Nothing here asserts: it prints a table and one verdict line per target.
 """
@@ -347,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="model-only and plain loop device; with cuda the pipeline gets num_gpus_per_actor")
-    ap.add_argument("--num-actors", type=int, default=defaults["num_actors"].default)
+    ap.add_argument("--num-actors", type=int, default=None,
+                    help=f"default: {defaults['num_actors'].default} on CPU, one per GPU with --device cuda")
     ap.add_argument("--cpus-per-actor", type=float, default=defaults["cpus_per_actor"].default)
     ap.add_argument("--cpus-per-task", type=float, default=defaults["cpus_per_task"].default)
     ap.add_argument("--num-gpus-per-actor", type=float, default=None, help="default: 1 with --device cuda, else 0")
@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch sees no GPU")
     gpus = args.num_gpus_per_actor if args.num_gpus_per_actor is not None else (1.0 if device.type == "cuda" else 0.0)
+    if args.num_actors is None:
+        args.num_actors = max(int(torch.cuda.device_count() / gpus), 1) if gpus else defaults["num_actors"].default
     n, n_small = args.num_images, max(args.num_images // 10, 1)
     workdir = Path(args.workdir)
     images = prepare_images(workdir, n, args.size)

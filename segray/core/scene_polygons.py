@@ -40,7 +40,7 @@ _PIXELS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # identity: x = column, y = row
 class Piece:
     """A polygon in scene pixel coordinates (x = column, y = row) with its statistics.
 
-    ``whole`` is False for the parts of a region too large to merge (``max_vertices``).
+    ``whole`` is False for the pieces of a region too large to dissolve (``max_vertices``).
     """
 
     geom: BaseGeometry
@@ -64,12 +64,12 @@ class BlockPolygonizer:
     block's left and top edges are compared with those of the neighbouring block (same class,
     4-connected), and a union-find joins them. A region's pieces are dissolved once, when it is
     complete. A region that grows past ``max_vertices`` (a class that percolates through the
-    scene as one web with countless holes, whose dissolve would cost minutes) is emitted at the
-    block-row border it has reached, in parts flagged ``whole=False``.
+    scene as one web with countless holes: dissolving it costs minutes per million vertices)
+    is emitted as its per-block pieces, flagged ``whole=False``, and so is what later joins it.
     """
 
     def __init__(self, height: int, width: int, ignore: Sequence[int] = (0,), nodata: int | None = None,
-                 min_pixels: int = 0, max_vertices: int = 500_000) -> None:
+                 min_pixels: int = 0, max_vertices: int = 100_000) -> None:
         self.height, self.width = height, width
         self.ignore, self.nodata, self.min_pixels = tuple(ignore), nodata, min_pixels
         self.max_vertices = max_vertices
@@ -157,15 +157,16 @@ class BlockPolygonizer:
         for members in groups.values():
             pieces = [self._pieces[i] for i in members]
             open_ = not last and any(p.geom.bounds[3] >= row_stop for p in pieces)
-            too_big = open_ and sum(shapely.get_num_coordinates(p.geom) for p in pieces) > self.max_vertices
+            too_big = len(pieces) > 1 and sum(shapely.get_num_coordinates(p.geom) for p in pieces) > self.max_vertices
             if open_ and not too_big:
                 continue
-            geom = pieces[0].geom if len(pieces) == 1 else shapely.union_all([p.geom for p in pieces])
-            whole = all(p.whole for p in pieces) and not too_big
-            done.append(Piece(geom, pieces[0].class_id, sum(p.pixels for p in pieces),
-                              sum(p.score_sum for p in pieces), whole))
-            if too_big:
+            if too_big:  # its per-block pieces, undissolved: dissolving a web of holes costs minutes
+                done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in pieces)
                 self._cut.update(i for i in members if self._pieces[i].geom.bounds[3] >= row_stop)
+            else:
+                geom = pieces[0].geom if len(pieces) == 1 else shapely.union_all([p.geom for p in pieces])
+                done.append(Piece(geom, pieces[0].class_id, sum(p.pixels for p in pieces),
+                                  sum(p.score_sum for p in pieces), all(p.whole for p in pieces)))
             for i in members:
                 del self._pieces[i]
         self._parent = {i: self._find(i) for i in self._pieces}
@@ -212,7 +213,7 @@ POLYGON_SCHEMA = pa.schema(
         ("score", pa.float64()),
         ("pixels", pa.int64()),
         ("area", pa.float64()),
-        ("whole", pa.bool_()),  # False: a part of a region too large to merge (polygon_max_vertices)
+        ("whole", pa.bool_()),  # False: a per-block piece of a region too large to dissolve (polygon_max_vertices)
     ]
 )
 

@@ -460,7 +460,7 @@ def _stitch(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, A
     conf_sum = 0.0
     cm = torch.zeros(k, k, dtype=torch.long) if label else None
     poly = (BlockPolygonizer(h, w, ignore=(0,), nodata=MASK_NODATA, min_pixels=int(task.get("min_polygon_pixels", 0)),
-                             max_vertices=int(task.get("polygon_max_vertices", 500_000)))
+                             max_vertices=int(task.get("polygon_max_vertices", 100_000)))
             if task.get("polygons_url") else None)
     poly_out = _PolygonSink(task, storage) if poly else None
     cog = dict(crs=task["crs"] or None, transform=task["transform"], blocksize=bs, compress=task.get("compress", "deflate"),
@@ -520,13 +520,15 @@ def _stitch(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, A
 
 
 class _PolygonSink:
-    """Streams finished polygons of one scene into a Parquet file in chunks."""
+    """Streams finished polygons of one scene into a Parquet file, one row group per chunk of
+    at most ``CHUNK`` polygons or ``CHUNK_VERTICES`` vertices (pieces of a web can be huge)."""
 
-    CHUNK = 20_000
+    CHUNK, CHUNK_VERTICES = 20_000, 1_000_000
 
     def __init__(self, task: dict[str, Any], storage: StorageOptions | None) -> None:
         self.task, self.storage = task, storage
         self._buf: list[Piece] = []
+        self._vertices = 0
         self.count = 0
         self.bbox: list[float] | None = None
         self._writer = None
@@ -542,8 +544,12 @@ class _PolygonSink:
         return self
 
     def add(self, pieces: list[Piece]) -> None:
+        import shapely
+
         self._buf.extend(pieces)
-        if len(self._buf) >= self.CHUNK:
+        if pieces:
+            self._vertices += int(shapely.get_num_coordinates([p.geom for p in pieces]).sum())
+        if len(self._buf) >= self.CHUNK or self._vertices >= self.CHUNK_VERTICES:
             self._flush()
 
     def _flush(self) -> None:
@@ -552,7 +558,7 @@ class _PolygonSink:
         t = self.task
         table = polygon_table(self._buf, t["transform"], t["scene_id"], t["class_names"],
                               src_crs=t["crs"] or None, dst_crs=t.get("polygon_crs"))
-        self._buf = []
+        self._buf, self._vertices = [], 0
         self.count += table.num_rows
         b = table.column("bbox").combine_chunks()
         lo = [float(np.min(b.field(n).to_numpy())) for n in ("xmin", "ymin")]

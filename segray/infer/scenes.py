@@ -354,7 +354,10 @@ def run_scenes(cfg: SceneInferJobConfig, on_progress: Callable[[str], None] | No
             for sid in scenes:
                 if results.get(sid, {}).get("num_polygons"):
                     wfs, wpath = pyarrow_fs(join(work, "polygons", f"{sid}.parquet"), cfg.storage)
-                    writer.write_table(pq.read_table(wpath, filesystem=wfs).replace_schema_metadata(schema.metadata))
+                    with wfs.open_input_file(wpath) as f:  # row group by row group: bounded memory
+                        part = pq.ParquetFile(f)
+                        for i in range(part.num_row_groups):
+                            writer.write_table(part.read_row_group(i).replace_schema_metadata(schema.metadata))
     if not cfg.keep_work and exists(work, cfg.storage):
         remove_tree(work, cfg.storage)
 

@@ -154,6 +154,7 @@ def test_polygons_cross_tile_borders_whole(generated):
         key = lambda g: (round(g.centroid.x, 4), round(g.centroid.y, 4), round(g.area, 4))  # noqa: E731
         assert sorted(map(key, mine)) == sorted(key(g) for g, _ in whole)
     assert set(table.column("class_name").to_pylist()) <= {"b", "c"}  # class 0 is background
+    assert all(table.column("whole").to_pylist())  # no region reached polygon_max_vertices
     assert (table.column("pixels").to_numpy() * 0.25 == table.column("area").to_numpy()).all()
     scores = table.column("score").to_numpy()
     assert ((scores > 1 / 3) & (scores <= 1)).all()

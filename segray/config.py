@@ -429,7 +429,8 @@ class SceneInferJobConfig(_Strict):
     min_polygon_pixels: int = Field(default=0, ge=0, description="drop smaller polygons (after merging)")
     polygon_max_vertices: int = Field(
         default=100_000, gt=0, description="a region growing past this many vertices (e.g. a class percolating "
-        "through the scene as one web with countless holes) is emitted as its per-block pieces, flagged whole=false")
+        "through the scene as one web with countless holes) is emitted as its per-block pieces, flagged whole=false; "
+        "so are the largest open regions while those pending hold over 20x this many (memory bound)")
     compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
     work_dir: Optional[str] = Field(
         default=None, description="per-tile probabilities between predict and stitch; default <output>/_work. "

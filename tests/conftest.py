@@ -48,7 +48,9 @@ def _start_local_ray() -> None:
 
     if not ray.is_initialized():
         # Fractional CPUs everywhere in segray, so 2 CPUs run train workers and data tasks together.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": never join a cluster that another test (or person) started with `ray start`.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
 
 
 @pytest.fixture(scope="session")

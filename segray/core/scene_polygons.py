@@ -66,13 +66,17 @@ class BlockPolygonizer:
     complete. A region that grows past ``max_vertices`` (a class that percolates through the
     scene as one web with countless holes: dissolving it costs minutes per million vertices)
     is emitted as its per-block pieces, flagged ``whole=False``, and so is what later joins it.
+    The same happens to the largest open regions while all pending pieces together hold more
+    than ``max_pending_vertices`` (regions running the whole height of the scene would
+    otherwise be held to its bottom): memory stays bounded whatever the prediction looks like.
     """
 
     def __init__(self, height: int, width: int, ignore: Sequence[int] = (0,), nodata: int | None = None,
-                 min_pixels: int = 0, max_vertices: int = 100_000) -> None:
+                 min_pixels: int = 0, max_vertices: int = 100_000, max_pending_vertices: int | None = None) -> None:
         self.height, self.width = height, width
         self.ignore, self.nodata, self.min_pixels = tuple(ignore), nodata, min_pixels
         self.max_vertices = max_vertices
+        self.max_pending_vertices = max_pending_vertices or 20 * max_vertices
         self._pieces: dict[int, Piece] = {}  # pending, by id
         self._parent: dict[int, int] = {}
         self._next = 0
@@ -154,21 +158,34 @@ class BlockPolygonizer:
             groups[self._find(i)].append(i)
         done: list[Piece] = []
         self._cut = set()
+        staying: list[tuple[int, list[int]]] = []  # (vertices, members) of open regions
+
+        def cut(members: list[int]) -> None:  # per-block pieces, undissolved, flagged
+            done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in map(self._pieces.get, members))
+            self._cut.update(i for i in members if self._pieces[i].geom.bounds[3] >= row_stop)
+            for i in members:
+                del self._pieces[i]
+
         for members in groups.values():
             pieces = [self._pieces[i] for i in members]
             open_ = not last and any(p.geom.bounds[3] >= row_stop for p in pieces)
-            too_big = len(pieces) > 1 and sum(shapely.get_num_coordinates(p.geom) for p in pieces) > self.max_vertices
-            if open_ and not too_big:
-                continue
-            if too_big:  # its per-block pieces, undissolved: dissolving a web of holes costs minutes
-                done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in pieces)
-                self._cut.update(i for i in members if self._pieces[i].geom.bounds[3] >= row_stop)
+            vertices = int(sum(shapely.get_num_coordinates(p.geom) for p in pieces))
+            if len(pieces) > 1 and vertices > self.max_vertices:  # dissolving a web of holes costs minutes
+                cut(members)
+            elif open_:
+                staying.append((vertices, members))
             else:
                 geom = pieces[0].geom if len(pieces) == 1 else shapely.union_all([p.geom for p in pieces])
                 done.append(Piece(geom, pieces[0].class_id, sum(p.pixels for p in pieces),
                                   sum(p.score_sum for p in pieces), all(p.whole for p in pieces)))
-            for i in members:
-                del self._pieces[i]
+                for i in members:
+                    del self._pieces[i]
+        held = sum(v for v, _ in staying)
+        for vertices, members in sorted(staying, key=lambda vm: -vm[0]):  # largest first
+            if held <= self.max_pending_vertices:
+                break
+            cut(members)
+            held -= vertices
         self._parent = {i: self._find(i) for i in self._pieces}
         self._parent.update({r: r for r in set(self._parent.values())})
         self._top, self._bottom = self._bottom, np.full(self.width, -1, np.int64)

@@ -460,7 +460,8 @@ def _stitch(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, A
     conf_sum = 0.0
     cm = torch.zeros(k, k, dtype=torch.long) if label else None
     poly = (BlockPolygonizer(h, w, ignore=(0,), nodata=MASK_NODATA, min_pixels=int(task.get("min_polygon_pixels", 0)),
-                             max_vertices=int(task.get("polygon_max_vertices", 100_000)))
+                             max_vertices=int(task.get("polygon_max_vertices", 100_000)),
+                             max_pending_vertices=task.get("polygon_max_pending_vertices"))
             if task.get("polygons_url") else None)
     poly_out = _PolygonSink(task, storage) if poly else None
     cog = dict(crs=task["crs"] or None, transform=task["transform"], blocksize=bs, compress=task.get("compress", "deflate"),

@@ -31,6 +31,9 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_lost_worker_resumes_from_latest_checkpoint(tmp_path, ray_local):
+    import conftest
+
+    conftest._start_local_ray()  # an earlier cluster test may have shut the session's Ray down
     data = write_demo_dataset(tmp_path / "data", num_images=12, size=48, seed=5)
     job = build_config(TrainJobConfig, {
         "data": {"source": {"images": data["images"], "masks": data["masks"]},

@@ -39,7 +39,8 @@ COLS = ["source_path", "image_id", "status"]
 def ray_up(ray_local):
     """The session's local Ray, started again if an earlier test shut it down."""
     if not ray_local.is_initialized():
-        ray_local.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                       configure_logging=False)
     return ray_local
 
 

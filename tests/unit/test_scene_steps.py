@@ -391,3 +391,19 @@ def test_a_percolating_region_is_cut_into_flagged_parts_past_the_vertex_budget()
     assert shapely.union_all([p.geom for p in parts]).symmetric_difference(web).area == 0  # ... that tile it
     exact_keys = {_key(g) for g, _ in whole}
     assert all(_key(p.geom) in exact_keys for p in capped if p.whole)  # what says whole is whole
+
+
+def test_pending_polygons_stay_bounded_when_regions_run_the_whole_scene():
+    """Vertical stripes 900 px tall: each stays open to the bottom; a pending budget cuts them."""
+    cmap = np.zeros((900, 640), np.uint8)
+    for c in range(0, 640, 20):
+        cmap[:, c : c + 10] = 1
+        cmap[::30, c + 10] = 1  # teeth make the stripes' outlines long
+    exact_poly, capped_poly = BlockPolygonizer(900, 640), BlockPolygonizer(900, 640, max_pending_vertices=1000)
+    exact = _feed(exact_poly, cmap, np.ones(cmap.shape), 128)
+    assert len(exact) == 32 and all(p.whole for p in exact)
+    capped = _feed(capped_poly, cmap, np.ones(cmap.shape), 128)
+    assert capped_poly.max_pending < exact_poly.max_pending / 2  # held pieces no longer pile up row by row
+    assert any(not p.whole for p in capped) and sum(p.pixels for p in capped) == cmap.sum()
+    stripes = shapely.union_all([p.geom for p in capped])
+    assert stripes.symmetric_difference(shapely.union_all([p.geom for p in exact])).area == 0

@@ -198,7 +198,11 @@ def main() -> None:
     free = shutil.disk_usage(args.workdir).free
     print(f"{platform.node()}: {psutil.cpu_count()} CPU, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
           f"{free / 2**30:,.0f} GiB free in {args.workdir} (scenes ~{need / 2**30:,.1f} GiB raw)", flush=True)
-    checkpoint = make_checkpoint(args.workdir, args.depth, args.base_width, args.calibrated)
+    # in a child process: torch's allocations for calibrating would stay in the driver's RSS
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        checkpoint = pool.apply(make_checkpoint, (args.workdir, args.depth, args.base_width, args.calibrated))
     results = []
     for size in sizes:
         res = run_one(args, size, checkpoint)

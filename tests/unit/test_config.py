@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,10 +56,19 @@ def test_example_configs_validate():
 def test_cli_fails_fast_naming_the_field_before_ray_starts(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
-    result = CliRunner().invoke(app, ["train", str(path), "--set", "train.num_workers=-1"])
-    assert result.exit_code == 2
-    assert "train.num_workers" in result.output
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    # A fresh interpreter, so Ray started by other tests in this session cannot mask a late failure.
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from segray.cli import app\n"
+        f"r = CliRunner().invoke(app, ['train', {str(path)!r}, '--set', 'train.num_workers=-1'])\n"
+        "print(r.exit_code); print(r.output)\n"
+        "print('RAY_STARTED', 'ray' in sys.modules and sys.modules['ray'].is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
+    assert out.splitlines()[0] == "2"
+    assert "train.num_workers" in out
+    assert "RAY_STARTED False" in out
 
     result = CliRunner().invoke(app, ["infer", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "not found" in result.output

@@ -49,10 +49,10 @@ def test_lost_worker_resumes_from_latest_checkpoint(tmp_path, ray_local):
     # Wait for the first checkpoint to be persisted, then kill one worker process outright.
     run_dir = tmp_path / "runs" / "ft"
     deadline = time.time() + 600
-    while time.time() < deadline and not list(run_dir.glob(f"checkpoint_*/{FILENAME}")):
-        time.sleep(0.5)
-    assert list(run_dir.glob(f"checkpoint_*/{FILENAME}")), "no checkpoint was written"
-    time.sleep(1.0)  # let Ray Train register it
+    # Two persisted checkpoints: the first is then surely registered with Ray Train's controller.
+    while time.time() < deadline and len(list(run_dir.glob(f"checkpoint_*/{FILENAME}"))) < 2:
+        time.sleep(0.2)
+    assert len(list(run_dir.glob(f"checkpoint_*/{FILENAME}"))) >= 2, "no checkpoints were written"
     victims = _train_workers()
     assert victims, "no RayTrainWorker process found"
     os.kill(victims[0].pid, signal.SIGKILL)

@@ -48,6 +48,15 @@ def _run(fn):
         raise typer.Exit(2) from None
 
 
+def _job(cls, config, set_, print_config: bool):
+    """The validated job config; with --print-config, print it and stop (exit 0) before any work."""
+    job = _load(cls, config, set_)
+    if print_config:
+        console.print(dump_config(job))
+        raise typer.Exit(0)
+    return job
+
+
 def _init_ray() -> None:
     import ray
 
@@ -68,10 +77,7 @@ def train(
     Semantic models (U-Net, FCN, DeepLabV3) on class maps, or Mask R-CNN on instances
     (data.format instance_masks or coco).
     """
-    job = _load(TrainJobConfig, config, set_)
-    if print_config:
-        console.print(dump_config(job))
-        return
+    job = _job(TrainJobConfig, config, set_, print_config)
     from segray.train.trainer import run_training, summary_rows
 
     _init_ray()
@@ -87,10 +93,7 @@ def infer(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Segment a collection with Ray Data; writes predictions/ (Parquet) and summary.parquet."""
-    job = _load(InferJobConfig, config, set_)
-    if print_config:
-        console.print(dump_config(job))
-        return
+    job = _job(InferJobConfig, config, set_, print_config)
     from segray.infer.pipeline import run_inference
 
     _init_ray()
@@ -109,10 +112,7 @@ def segment_scenes(
     Writes masks/ (COG per scene), scenes.parquet, polygons.parquet (GeoParquet), summary.parquet
     and, if asked, probabilities/ and tiles.parquet.
     """
-    job = _load(SceneInferJobConfig, config, set_)
-    if print_config:
-        console.print(dump_config(job))
-        return
+    job = _job(SceneInferJobConfig, config, set_, print_config)
     from segray.infer.scenes import run_scenes, summary_rows
 
     _init_ray()
@@ -145,11 +145,15 @@ def export_coco_cmd(
     output: str = typer.Argument(..., help="COCO results JSON to write (local or s3://)."),
     gt: Optional[str] = typer.Option(None, "--gt", help="COCO ground-truth JSON: take image and category ids from it."),
     min_score: float = typer.Option(0.0, "--min-score", help="Leave out detections scoring below this."),
+    endpoint_url: Optional[str] = typer.Option(
+        None, "--endpoint-url", help="S3-compatible endpoint for s3:// paths (keys: the usual AWS_* variables)."),
 ) -> None:
     """Export Mask R-CNN predictions to a COCO results JSON (image_id, category_id, bbox, score, RLE)."""
+    from segray.config import StorageOptions
     from segray.infer.export import export_coco
 
-    out = _run(lambda: export_coco(predictions, output, gt_json=gt, min_score=min_score))
+    storage = StorageOptions(endpoint_url=endpoint_url)
+    out = _run(lambda: export_coco(predictions, output, storage=storage, gt_json=gt, min_score=min_score))
     print_table("COCO export", [("detections", out["detections"]), ("images", out["images"]),
                                 ("rows read", out["rows"]), ("output", out["output"])])
 
@@ -169,10 +173,7 @@ def nightly(
     """
     from segray.config import NightlyJobConfig
 
-    job = _load(NightlyJobConfig, config, set_)
-    if print_config:
-        console.print(dump_config(job))
-        return
+    job = _job(NightlyJobConfig, config, set_, print_config)
     from segray.infer.nightly import run_nightly, summary_rows
 
     _init_ray()
@@ -360,15 +361,15 @@ def jobs_stop(
 
 @app.command("show-config")
 def show_config(
-    job: str = typer.Argument(..., help="train | infer | demo | scenes | nightly"),
+    job: str = typer.Argument(..., help="train | train-instance | infer | demo | segment-scenes | nightly"),
     config: Optional[Path] = typer.Argument(None, help="YAML config to resolve (optional for demo)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Validate a config and print it with every default filled in."""
     from segray.config import NightlyJobConfig
 
-    classes = {"train": TrainJobConfig, "infer": InferJobConfig, "demo": DemoJobConfig,
-               "scenes": SceneInferJobConfig, "nightly": NightlyJobConfig}
+    classes = {"train": TrainJobConfig, "train-instance": TrainJobConfig, "infer": InferJobConfig,
+               "demo": DemoJobConfig, "segment-scenes": SceneInferJobConfig, "nightly": NightlyJobConfig}
     if job not in classes:
         console.print(f"[bold red]error:[/] job must be one of {', '.join(classes)}")
         raise typer.Exit(2)

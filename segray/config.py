@@ -180,7 +180,7 @@ class ChipsConfig(_Strict):
     label_values: Optional[dict[int, int]] = Field(
         default=None, description="raster: label value -> class id, e.g. {255: 1}; unlisted values stay")
     label_nodata: Optional[int] = Field(default=None, description="raster: label value meaning 'no label'")
-    nodata: Optional[float] = Field(default=None, description="image nodata for files without the tag")
+    nodata: Optional[float] = Field(default=None, description="image nodata value; overrides the files' own tag when set")
     min_valid_fraction: float = Field(default=0.5, ge=0, le=1, description="drop chips with fewer labelled pixels")
 
     @model_validator(mode="after")
@@ -308,6 +308,8 @@ class TrainJobConfig(_Strict):
         if self.data.task == "semantic" and instance_model:
             raise ValueError(f"data.format: model {self.model.name!r} needs 'instance_masks' or 'coco' data")
         if instance_model:
+            if self.loss != LossConfig():  # (a dumped config carries the default loss: that is fine)
+                raise ValueError("loss: Mask R-CNN trains with its own RPN/box/mask losses; remove the loss section")
             if len(names) != n:
                 raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {n} "
                                  "(Mask R-CNN: the first name is the background)")
@@ -316,7 +318,7 @@ class TrainJobConfig(_Strict):
             if self.train.metric not in INSTANCE_METRICS:
                 raise ValueError(f"train.metric: {self.train.metric!r} is not an instance metric; "
                                  f"use one of val_segm_ap, val_segm_ap50, val_bbox_ap, ... or train_loss")
-            return self
+            return self._data_fits()
         if len(names) != max(n, 2) and not (n == 1 and len(names) in (1, 2)):
             raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {n}")
         if self.loss.class_weights is not None and len(self.loss.class_weights) != max(n, 1):
@@ -325,6 +327,10 @@ class TrainJobConfig(_Strict):
             raise ValueError("loss.terms: use 'bce', not 'ce', with model.num_classes=1")
         if self.model.num_classes > 1 and any(t.name == "bce" for t in self.loss.terms):
             raise ValueError("loss.terms: 'bce' needs model.num_classes=1")
+        return self._data_fits()
+
+    def _data_fits(self) -> "TrainJobConfig":
+        """Checks shared by both model families."""
         if self.data.val_fraction == 0 and self.train.metric.startswith("val_"):
             raise ValueError(f"train.metric: {self.train.metric!r} needs validation data (data.val_fraction > 0)")
         if self.data.bands is not None and len(self.data.bands) != self.model.in_channels:
@@ -418,7 +424,7 @@ class SceneInferJobConfig(_Strict):
         default=None, gt=0, description="tile offsets are multiples of this; None = the model's downsampling factor")
     block_size: int = Field(default=512, ge=128, description="output COG block = stitching block (multiple of 16)")
     bands: Optional[list[int]] = Field(default=None, description="0-based bands, in order; None = the checkpoint's")
-    nodata: Optional[float] = Field(default=None, description="input nodata for files without the tag")
+    nodata: Optional[float] = Field(default=None, description="input nodata value; overrides the files' own tag when set")
     label_values: Optional[dict[int, int]] = Field(default=None, description="ground truth value -> class id")
     label_nodata: Optional[int] = Field(default=None, description="ground truth value excluded from metrics")
     write_probabilities: bool = False

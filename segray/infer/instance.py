@@ -57,7 +57,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from segray.config import ConfigError, InferJobConfig, ModelConfig, SourceConfig, StorageOptions
+from segray.config import ConfigError, InferJobConfig, SourceConfig, StorageOptions
+from segray.infer.steps import Predictor, _fetch, _reason, read_decode, same_shape_chunks
 from segray.core import coco_eval
 from segray.core.instances import CocoIndex, Instances, encode_rles, instances_from_coco, instances_from_id_mask
 from segray.io.fs import get_fs, join, list_samples, pyarrow_fs, read_bytes
@@ -189,8 +190,6 @@ def read_decode_instances(
     Instance-id masks (``mask``), class maps (``class_mask``) and COCO annotations
     (``annotations``) are read here; broken ground truth makes the row an error row.
     """
-    from segray.infer.steps import _fetch, _reason, read_decode
-
     n = len(batch["image"])
     base = read_decode({"image": batch["image"], "mask": batch["mask"], "image_id": batch["image_id"]},
                        storage=storage, bands=bands, max_pixels=max_pixels)
@@ -240,37 +239,19 @@ def read_decode_instances(
 # --------------------------------------------------------------------------- predict
 
 
-def _read_payload(checkpoint: str, storage: StorageOptions | None):
-    from segray.infer.steps import read_checkpoint
-
-    return read_checkpoint(checkpoint, storage)
-
-
-class InstancePredictor:
+class InstancePredictor(Predictor):
     """Loads a Mask R-CNN checkpoint once; maps decoded batches to detections (RLE masks)."""
+
+    task = "instance"
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
                  amp: bool = True, max_batch: int = 16, score_threshold: float | None = None,
                  max_detections: int | None = None, mask_threshold: float | None = None):
-        from segray.core.models import build_model
         from segray.core.models.maskrcnn import set_inference_limits
 
-        payload, self.checkpoint_id = _read_payload(checkpoint, storage)
-        if payload.get("task") != "instance":
-            raise ValueError(f"{checkpoint}: not an instance segmentation checkpoint (task {payload.get('task')!r})")
-        self.model_cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None, "backbone_weights": None})
-        self.class_names = payload["class_names"]
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.amp = amp and self.device.type == "cuda"
-        self.max_batch = max_batch
+        super().__init__(checkpoint, storage, device, amp, max_batch)
         self.mask_threshold = mask_threshold if mask_threshold is not None else self.model_cfg.mask_threshold
-        model = build_model(self.model_cfg)
-        model.load_state_dict(payload["model_state"])
-        set_inference_limits(model, score_threshold, max_detections)
-        self.model = model.to(self.device).eval()
-        stats = payload.get("band_stats") or {}
-        self.mean = torch.tensor(stats.get("mean", [0.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
-        self.std = torch.tensor(stats.get("std", [1.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
+        set_inference_limits(self.model, score_threshold, max_detections)
 
     def normalize(self, image: np.ndarray) -> torch.Tensor:
         return (torch.from_numpy(np.ascontiguousarray(image, np.float32)) - self.mean) / self.std
@@ -279,17 +260,12 @@ class InstancePredictor:
     def raw(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         """The model's own output per image (same-size images share a forward pass)."""
         results: list[Any] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(tuple(im.shape), []).append(i)
-        for idx in by_shape.values():
-            for start in range(0, len(idx), self.max_batch):
-                chunk = idx[start : start + self.max_batch]
-                x = [self.normalize(images[i]).to(self.device, non_blocking=True) for i in chunk]
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    outputs = self.model(x)
-                for i, o in zip(chunk, outputs):
-                    results[i] = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
+        for chunk in same_shape_chunks(images, self.max_batch):
+            x = [self.normalize(images[i]).to(self.device, non_blocking=True) for i in chunk]
+            with torch.autocast(self.device.type, enabled=self.amp):
+                outputs = self.model(x)
+            for i, o in zip(chunk, outputs):
+                results[i] = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
         return results
 
     def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
@@ -303,15 +279,7 @@ class InstancePredictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        status, error = list(batch["status"]), list(batch["error"])
-        todo = []
-        for i, im in enumerate(batch["pixels"]):
-            if status[i] != "ok":
-                continue
-            if im.shape[0] != self.model_cfg.in_channels:
-                status[i], error[i] = "error", f"image has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
-                continue
-            todo.append(i)
+        status, error, todo = self.usable(batch)
         preds = [""] * len(status)
         for i, p in zip(todo, self.predict([batch["pixels"][i] for i in todo])):
             preds[i] = json.dumps({"boxes": np.round(p["boxes"].astype(np.float64), 2).tolist(),

@@ -66,16 +66,7 @@ class TileInstances:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        status, error = list(batch["status"]), list(batch["error"])
-        channels = self.predictor.model_cfg.in_channels
-        todo = []
-        for i, im in enumerate(batch["pixels"]):
-            if status[i] != "ok":
-                continue
-            if im.shape[0] != channels:
-                status[i], error[i] = "error", f"tile has {im.shape[0]} bands, model expects {channels}"
-                continue
-            todo.append(i)
+        status, error, todo = self.predictor.usable(batch, what="tile")
         images = [np.where(np.asarray(batch["valid"][i], bool), batch["pixels"][i], self.mean) for i in todo]
         texts = [""] * len(status)
         for i, p in zip(todo, self.predictor.predict(images)):

@@ -20,10 +20,8 @@ less than ``align`` pixels, so that every tile offset is a multiple of the model
 downsampling factor (pooling grids line up: tiled == untiled away from tile edges). Pixels
 beyond the scene are read as nodata and never written.
 
-For an instance (Mask R-CNN) predictor the same rows and reads apply; what changes is
-step 2's output (per-tile instances: class, score, box and RLE mask in scene coordinates)
-and step 4, which would gather a scene's instances, keep each tile's instances whose box
-centre lies in its core, and merge pairs across core borders by mask IoU on the overlap.
+For an instance (Mask R-CNN) checkpoint the same rows and reads apply; steps 2-4 become
+``scene_instances`` (per-tile detections, merged per scene across tile borders).
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from segray.config import StorageOptions
 from segray.core.metrics import confusion_matrix, metric_num_classes
 from segray.core.scene_polygons import POLYGON_SCHEMA, BlockPolygonizer, Piece, polygon_table
 from segray.core.tiling import Tile, Window, blocks, stitch_window, tile_grid
-from segray.infer.steps import Predictor
+from segray.infer.steps import Predictor, same_shape_chunks
 from segray.io.fs import join, pyarrow_fs, read_bytes, write_bytes
 from segray.io.raster import CogBlockWriter, open_info, read_window
 
@@ -214,36 +212,23 @@ class TileProbabilities(Predictor):
     def probabilities(self, images: list[np.ndarray], valid: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Same-shape tiles go through the model together; nodata pixels are set to the band mean."""
         results: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(im.shape, []).append(i)
-        for idx in by_shape.values():
-            for start in range(0, len(idx), self.max_batch):
-                chunk = idx[start : start + self.max_batch]
-                x = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                if valid is not None:
-                    ok = torch.from_numpy(np.stack([np.asarray(valid[i], bool) for i in chunk]))[:, None]
-                    x = torch.where(ok, x, self.mean)
-                x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    logits = self.model(x).float()
-                probs = torch.sigmoid(logits) if self.channels == 1 else torch.softmax(logits, dim=1)
-                probs = probs.to(torch.float16).cpu().numpy()
-                for j, i in enumerate(chunk):
-                    results[i] = probs[j]
+        for chunk in same_shape_chunks(images, self.max_batch):
+            x = torch.from_numpy(np.stack([images[i] for i in chunk]))
+            if valid is not None:
+                ok = torch.from_numpy(np.stack([np.asarray(valid[i], bool) for i in chunk]))[:, None]
+                x = torch.where(ok, x, self.mean)
+            x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x).float()
+            probs = torch.sigmoid(logits) if self.channels == 1 else torch.softmax(logits, dim=1)
+            probs = probs.to(torch.float16).cpu().numpy()
+            for j, i in enumerate(chunk):
+                results[i] = probs[j]
         return results  # type: ignore[return-value]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        status, error = list(batch["status"]), list(batch["error"])
-        todo = []
-        for i, im in enumerate(batch["pixels"]):
-            if status[i] != "ok":
-                continue
-            if im.shape[0] != self.model_cfg.in_channels:
-                status[i], error[i] = "error", f"tile has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
-                continue
-            todo.append(i)
+        status, error, todo = self.usable(batch, what="tile")
         probs: list[np.ndarray] = [np.zeros((self.channels, 1, 1), np.float16)] * len(status)
         got = self.probabilities([batch["pixels"][i] for i in todo], [batch["valid"][i] for i in todo])
         for i, p in zip(todo, got):
@@ -522,9 +507,11 @@ def _stitch(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, A
 
 class _PolygonSink:
     """Streams finished polygons of one scene into a Parquet file, one row group per chunk of
-    at most ``CHUNK`` polygons or ``CHUNK_VERTICES`` vertices (pieces of a web can be huge)."""
+    at most ``CHUNK`` polygons or ``CHUNK_VERTICES`` vertices (pieces of a web can be huge).
+    Small chunks on purpose: this task and the driver (which copies row group by row group into
+    polygons.parquet) each hold one chunk, so a chunk bounds their memory whatever the scene."""
 
-    CHUNK, CHUNK_VERTICES = 20_000, 1_000_000
+    CHUNK, CHUNK_VERTICES = 2_000, 100_000
 
     def __init__(self, task: dict[str, Any], storage: StorageOptions | None) -> None:
         self.task, self.storage = task, storage

@@ -222,8 +222,8 @@ def run_scenes(cfg: SceneInferJobConfig, on_progress: Callable[[str], None] | No
                                width=info.width, bands=info.count, vheight=vh, vwidth=vw, tile_start=start,
                                tile_stop=min(start + cfg.batch_size, n)))
 
-    crss = {s.info.crs for s in scenes.values()}
-    polygon_crs = next(iter(crss)) if len(crss) == 1 else MIXED_CRS
+    crss = {s.info.crs for s in scenes.values()} - {None}  # scenes without a CRS get no polygons beside others
+    polygon_crs = None if not crss else next(iter(crss)) if len(crss) == 1 else MIXED_CRS
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     if instance:

@@ -7,8 +7,8 @@ gets ``status="error"`` and a reason, and later steps pass it through untouched.
 
 from __future__ import annotations
 
-import io
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -140,13 +140,33 @@ def read_checkpoint(url: str, storage: StorageOptions | None = None) -> tuple[di
     return load_payload(data), checkpoint_id(data)
 
 
+def same_shape_chunks(images: list[np.ndarray], max_batch: int) -> Iterator[list[int]]:
+    """Indices of same-shape images, at most ``max_batch`` at a time: one forward pass each."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape), []).append(i)
+    for idx in by_shape.values():
+        for start in range(0, len(idx), max_batch):
+            yield idx[start : start + max_batch]
+
+
 class Predictor:
-    """Loads the checkpoint once, then maps decoded batches to class maps and confidences."""
+    """Loads the checkpoint once, then maps decoded batches to class maps and confidences.
+
+    The base of every predicting step (images, scene tiles, instances): one way to load a model
+    and its band statistics, to batch by shape and to turn a wrong band count into an error row.
+    """
+
+    task = "semantic"  # the checkpoint's task this predictor serves
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
                  amp: bool = True, max_batch: int = 16):
         payload, self.checkpoint_id = read_checkpoint(checkpoint, storage)
-        self.model_cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None})
+        if payload.get("task", "semantic") != self.task:
+            raise ValueError(f"{checkpoint}: a {payload.get('task')!r} checkpoint; this step needs a {self.task!r} one")
+        # Weights come from the checkpoint itself, never from the files named when it was trained.
+        self.model_cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None,
+                                                     "backbone_weights": None})
         self.class_names = payload["class_names"]
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = amp and self.device.type == "cuda"
@@ -158,43 +178,43 @@ class Predictor:
         self.mean = torch.tensor(stats.get("mean", [0.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
         self.std = torch.tensor(stats.get("std", [1.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
 
-    @torch.inference_mode()
-    def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-        """Same-shape images go through the model together; returns (class map, mean confidence)."""
-        results: list[tuple[np.ndarray, float] | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images):
-            by_shape.setdefault(im.shape, []).append(i)
-        for idx in by_shape.values():
-            for start in range(0, len(idx), self.max_batch):
-                chunk = idx[start : start + self.max_batch]
-                x = torch.from_numpy(np.stack([images[i] for i in chunk]))
-                x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
-                with torch.autocast(self.device.type, enabled=self.amp):
-                    logits = self.model(x).float()
-                if logits.shape[1] == 1:
-                    p = torch.sigmoid(logits[:, 0])
-                    pred, conf = (p > 0.5).to(torch.uint8), torch.maximum(p, 1 - p)
-                else:
-                    conf, pred = torch.softmax(logits, dim=1).max(dim=1)
-                    if logits.shape[1] <= 256:  # ids fit a byte: 8x fewer bytes off the GPU and to encode
-                        pred = pred.to(torch.uint8)
-                pred, conf = pred.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy()
-                for j, i in enumerate(chunk):
-                    results[i] = (pred[j], float(conf[j]))
-        return results  # type: ignore[return-value]
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    def usable(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list[int]]:
+        """Rows' status and error, and the rows to predict: earlier errors pass through untouched."""
         status, error = list(batch["status"]), list(batch["error"])
         todo = []
         for i, im in enumerate(batch["pixels"]):
             if status[i] != "ok":
                 continue
             if im.shape[0] != self.model_cfg.in_channels:
-                status[i], error[i] = "error", f"image has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
+                status[i], error[i] = "error", f"{what} has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
                 continue
             todo.append(i)
+        return status, error, todo
+
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Same-shape images go through the model together; returns (class map, mean confidence)."""
+        results: list[tuple[np.ndarray, float] | None] = [None] * len(images)
+        for chunk in same_shape_chunks(images, self.max_batch):
+            x = torch.from_numpy(np.stack([images[i] for i in chunk]))
+            x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x).float()
+            if logits.shape[1] == 1:
+                p = torch.sigmoid(logits[:, 0])
+                pred, conf = (p > 0.5).to(torch.uint8), torch.maximum(p, 1 - p)
+            else:
+                conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+                if logits.shape[1] <= 256:  # ids fit a byte: 8x fewer bytes off the GPU and to encode
+                    pred = pred.to(torch.uint8)
+            pred, conf = pred.cpu().numpy(), conf.mean(dim=(1, 2)).cpu().numpy()
+            for j, i in enumerate(chunk):
+                results[i] = (pred[j], float(conf[j]))
+        return results  # type: ignore[return-value]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        status, error, todo = self.usable(batch)
         preds: list[np.ndarray] = [_NO_MASK.astype(np.uint8)] * len(status)
         conf = np.full(len(status), np.nan)
         for i, (p, c) in zip(todo, self.predict([batch["pixels"][i] for i in todo])):

@@ -48,6 +48,26 @@ def test_cross_field_checks():
         build_config(InferJobConfig, {"source": {}, "checkpoint": "c", "output": "o"})
 
 
+INSTANCE = {"data": {"source": {"images": "imgs"}, "format": "coco", "coco_json": "a.json",
+                     "class_names": ["background", "building"]},
+            "model": {"name": "maskrcnn_resnet50_fpn", "num_classes": 2}}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.bands=[1, 2]", "data.bands"),
+    ("data.val_fraction=0", "train.metric"),
+    ("loss.terms=[{name: dice}]", "loss"),
+    ("train.metric=val_miou", "train.metric"),
+    ("model.num_classes=3", "class_names"),
+])
+def test_instance_configs_get_the_same_checks(override, match):
+    cfg = build_config(TrainJobConfig, INSTANCE)
+    assert cfg.train.metric == "val_segm_ap"  # the task's default metric
+    assert TrainJobConfig.model_validate(cfg.model_dump(mode="json")) == cfg  # as the Train workers receive it
+    with pytest.raises(ConfigError, match=match):
+        build_config(TrainJobConfig, INSTANCE, [override])
+
+
 def test_example_configs_validate():
     load_config(TrainJobConfig, REPO / "configs" / "demo_train.yaml")
     load_config(InferJobConfig, REPO / "configs" / "demo_infer.yaml")

@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/segray-bench", help="cached images, checkpoint, outputs")
     ap.add_argument("--default-malloc", action="store_true",
                     help="model-only and plain loop with glibc's default large-block unmapping (the pipeline's "
-                         "predictors always keep freed memory: segray.runtime.keep_freed_memory)")
+                         "predictor actors always start with segray.runtime.MODEL_PROCESS_ENV)")
     ap.add_argument("--sample-interval", type=float, default=0.25, help="psutil sampling period, s")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -63,6 +63,7 @@ from segray.core import coco_eval
 from segray.core.instances import CocoIndex, Instances, encode_rles, instances_from_coco, instances_from_id_mask
 from segray.io.fs import get_fs, join, list_samples, pyarrow_fs, read_bytes
 from segray.io.images import decode_mask
+from segray.runtime import model_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,7 @@ def build_instance_dataset(cfg: InferJobConfig, samples: list, payload: dict):
         batch_size=cfg.batch_size,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor,
+        runtime_env=model_runtime_env(),
     )
     return ds.map_batches(
         encode_instances,

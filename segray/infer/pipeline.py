@@ -21,6 +21,7 @@ from segray.config import ConfigError, InferJobConfig
 from segray.core.metrics import segmentation_metrics
 from segray.infer.steps import Predictor, encode, read_checkpoint, read_decode
 from segray.io.fs import exists, join, list_samples, pyarrow_fs, remove_tree
+from segray.runtime import model_runtime_env
 
 PREDICTIONS = "predictions"
 SUMMARY = "summary.parquet"
@@ -62,6 +63,7 @@ def build_dataset(cfg: InferJobConfig, samples: list, payload: dict):
         batch_size=cfg.batch_size,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.num_gpus_per_actor,
+        runtime_env=model_runtime_env(),  # allocator settings (segray.runtime): ~1.5x on CPU
     )
     return ds.map_batches(
         encode,

@@ -57,6 +57,7 @@ from segray.infer.scene_steps import (
 from segray.infer.steps import read_checkpoint
 from segray.io.fs import exists, join, list_samples, pyarrow_fs, remove_tree
 from segray.io.raster import RasterInfo, gdal_env, open_info
+from segray.runtime import model_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ def build_tile_dataset(cfg: SceneInferJobConfig, chunks: list[dict], payload: di
         num_cpus=cfg.cpus_per_task,
     )
     actor = dict(compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size,
-                 num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+                 num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, runtime_env=model_runtime_env())
     ckpt = {"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size}
     if payload.get("task") == "instance":
         from segray.infer.scene_instances import TileInstances, write_tile_instances

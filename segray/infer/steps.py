@@ -22,7 +22,6 @@ from segray.core.models import build_model
 from segray.config import ModelConfig, StorageOptions
 from segray.io.fs import fsspec_options, get_fs, join
 from segray.io.images import ImageDecodeError, decode_image, decode_mask
-from segray.runtime import keep_freed_memory
 
 # Placeholders keep a column's arrays at one ndim for rows that carry no pixels.
 _NO_IMAGE = np.zeros((1, 1, 1), np.float32)
@@ -162,7 +161,6 @@ class Predictor:
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
                  amp: bool = True, max_batch: int = 16):
-        keep_freed_memory()  # no page faults on every batch's activations (see segray.runtime)
         payload, self.checkpoint_id = read_checkpoint(checkpoint, storage)
         if payload.get("task", "semantic") != self.task:
             raise ValueError(f"{checkpoint}: a {payload.get('task')!r} checkpoint; this step needs a {self.task!r} one")

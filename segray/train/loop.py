@@ -17,7 +17,6 @@ import torch
 from segray.config import TrainJobConfig
 from segray.core.checkpoint import FILENAME, load_payload, make_payload, save_payload
 from segray.core.optim import build_optimizer, lr_factor, set_lr
-from segray.runtime import keep_freed_memory
 from segray.train.tasks import all_reduce, make_task
 
 
@@ -48,7 +47,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
 
-    keep_freed_memory()  # no page faults on every step's activations (see segray.runtime)
     job = TrainJobConfig.model_validate(config["job"])
     band_stats = config["band_stats"]
     t = job.train

@@ -8,6 +8,7 @@ from typing import Any
 
 from segray.config import TrainJobConfig
 from segray.io.fs import join, pyarrow_fs
+from segray.runtime import model_runtime_env
 from segray.train.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, categor
                 num_to_keep=t.num_to_keep, checkpoint_score_attribute=t.metric, checkpoint_score_order=t.mode
             ),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env=model_runtime_env(),  # allocator settings (segray.runtime)
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),  # see loop.py: validation is read whole

@@ -83,15 +83,20 @@ def prepare_images(workdir: Path, n: int, size: int, seed: int = 0) -> Path:
     return folder
 
 
-def make_checkpoint(workdir: Path, model_cfg: ModelConfig, images: Path) -> Path:
-    """Random-init model as a segray checkpoint, band stats from the first 32 images."""
+def save_random_checkpoint(path: Path, model_cfg: ModelConfig, class_names: list[str], images: Path,
+                           sample: int = 32, task: str = "semantic") -> Path:
+    """A random-init model (seed 0) as a segray checkpoint, band stats from the first ``sample`` images."""
     torch.manual_seed(0)
     model = build_model(model_cfg).eval()
-    pix = np.stack([decode_image(p.read_bytes(), str(p)) for p in sorted(images.glob("*.png"))[:32]])
+    pix = np.stack([decode_image(p.read_bytes(), str(p)) for p in sorted(images.glob("*.png"))[:sample]])
     stats = {"mean": pix.mean(axis=(0, 2, 3)).tolist(), "std": pix.std(axis=(0, 2, 3)).tolist()}
-    path = workdir / f"checkpoint-d{model_cfg.depth}-w{model_cfg.base_width}.pt"
-    save_payload(make_payload(model, model_cfg.model_dump(mode="json"), DEMO_CLASSES, stats), str(path))
+    save_payload(make_payload(model, model_cfg.model_dump(mode="json"), class_names, stats, task=task), str(path))
     return path
+
+
+def make_checkpoint(workdir: Path, model_cfg: ModelConfig, images: Path) -> Path:
+    path = workdir / f"checkpoint-d{model_cfg.depth}-w{model_cfg.base_width}.pt"
+    return save_random_checkpoint(path, model_cfg, DEMO_CLASSES, images)
 
 
 # --------------------------------------------------------------------------- process sampling

@@ -35,12 +35,13 @@ from rich.console import Console
 from rich.table import Table
 
 from segray.config import InferJobConfig, ModelConfig, SourceConfig
-from segray.core.checkpoint import make_payload, save_payload
 from segray.core.demo_instances import INSTANCE_DEMO_CLASSES, make_instance_scene
-from segray.core.models import build_model
 from segray.infer.instance import InstancePredictor
 from segray.io.fs import list_samples
 from segray.io.images import decode_image
+
+sys.path.insert(0, str(Path(__file__).parent))  # the U-Net benchmark's helpers
+from infer_throughput import save_random_checkpoint  # noqa: E402
 
 console = Console() if sys.stdout.isatty() else Console(width=120)
 
@@ -58,14 +59,8 @@ def prepare_images(workdir: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def make_checkpoint(workdir: Path, cfg: ModelConfig, images: Path) -> Path:
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    pix = np.stack([decode_image(p.read_bytes(), str(p)) for p in sorted(images.glob("*.png"))[:16]])
-    stats = {"mean": pix.mean(axis=(0, 2, 3)).tolist(), "std": pix.std(axis=(0, 2, 3)).tolist()}
     path = workdir / f"maskrcnn-{cfg.name}-{cfg.min_size}.pt"
-    save_payload(make_payload(model, cfg.model_dump(mode="json"), INSTANCE_DEMO_CLASSES, stats, task="instance"),
-                 str(path))
-    return path
+    return save_random_checkpoint(path, cfg, INSTANCE_DEMO_CLASSES, images, sample=16, task="instance")
 
 
 def _sync(device: torch.device) -> None:

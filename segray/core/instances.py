@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from segray.core.transforms import photometric
+
 log = logging.getLogger(__name__)
 
 RLE = dict  # {"size": [h, w], "counts": str}
@@ -319,13 +321,7 @@ def augment_instances(image: np.ndarray, inst: Instances, cfg: Any, rng: np.rand
     """Photometric jitter (as the semantic pipeline) then flips and rot90, applied to image,
     masks and boxes together. ``cfg`` is an ``AugmentConfig``; ``rotate_degrees`` is not used for
     instances (boxes of rotated objects would no longer be tight)."""
-    img = image.astype(np.float32, copy=True)
-    axes = (1, 2)
-    if cfg.brightness > 0:
-        img += rng.uniform(-cfg.brightness, cfg.brightness) * img.std(axis=axes, keepdims=True)
-    if cfg.contrast > 0:
-        band_mean = img.mean(axis=axes, keepdims=True)
-        img = (img - band_mean) * np.float32(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) + band_mean
+    img = photometric(image, cfg, rng)
     if rng.random() < cfg.hflip:
         img, inst = hflip(img, inst)
     if rng.random() < cfg.vflip:

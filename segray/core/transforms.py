@@ -125,6 +125,19 @@ def _rotate_pair(
     return img[0].numpy().astype(np.float32), out_mask
 
 
+def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Brightness (a shift of up to ``brightness`` band std) and contrast (a scale about the band
+    mean) jitter of ``image [C, H, W]``, as float32."""
+    img = image.astype(np.float32, copy=True)
+    axes = (1, 2)
+    if cfg.brightness > 0:
+        img += rng.uniform(-cfg.brightness, cfg.brightness) * img.std(axis=axes, keepdims=True)
+    if cfg.contrast > 0:
+        band_mean = img.mean(axis=axes, keepdims=True)
+        img = (img - band_mean) * np.float32(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) + band_mean
+    return img
+
+
 def augment(
     image: np.ndarray,
     mask: np.ndarray,
@@ -147,13 +160,7 @@ def augment(
     if info is not None and not info.min <= fill <= info.max:
         raise ValueError(f"ignore_index {fill} does not fit mask dtype {mask.dtype}")
 
-    img = image.astype(np.float32, copy=True)
-    axes = (1, 2)
-    if cfg.brightness > 0:
-        img += rng.uniform(-cfg.brightness, cfg.brightness) * img.std(axis=axes, keepdims=True)
-    if cfg.contrast > 0:
-        band_mean = img.mean(axis=axes, keepdims=True)
-        img = (img - band_mean) * np.float32(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) + band_mean
+    img = photometric(image, cfg, rng)
 
     msk = mask
     if rng.random() < cfg.hflip:
@@ -162,7 +169,7 @@ def augment(
         img, msk = img[:, ::-1, :], msk[::-1, :]
     if rng.random() < cfg.rot90:
         k = int(rng.integers(1, 4))
-        img, msk = np.rot90(img, k, axes=axes), np.rot90(msk, k)
+        img, msk = np.rot90(img, k, axes=(1, 2)), np.rot90(msk, k)
     img, msk = np.ascontiguousarray(img), np.ascontiguousarray(msk)
     if cfg.rotate_degrees > 0:
         img, msk = _rotate_pair(img, msk, rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees), fill)

@@ -50,7 +50,6 @@ import logging
 import math
 import posixpath
 import time
-import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -422,38 +421,17 @@ def aggregate_metrics(rows: list[dict]) -> dict[str, float]:
 def summarize_instances(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int, wall_s: float) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
-    from segray.infer.pipeline import PREDICTIONS
+    from segray.infer.pipeline import PREDICTIONS, run_counts
 
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
     cols = ["status", "error", "height", "width", "decode_ms", "predict_ms", "num_instances", "has_ground_truth"]
     table = dataset.to_table(columns=cols)
-    status = np.asarray(table["status"].to_pylist())
-    ok = status == "ok"
-    errors = [e for e, s in zip(table["error"].to_pylist(), status) if s != "ok"]
-    h = np.asarray(table["height"].to_pylist(), float)
-    w = np.asarray(table["width"].to_pylist(), float)
+    ok = np.asarray(table["status"].to_pylist()) == "ok"
     counts = np.asarray(table["num_instances"].to_pylist(), float)
-    summary: dict[str, Any] = {
-        "run_id": uuid.uuid4().hex[:12],
-        "task": "instance",
-        "output": cfg.output,
-        "predictions": join(cfg.output, PREDICTIONS),
-        "model_name": payload["model_config"]["name"],
-        "checkpoint_id": ckpt_id,
-        "num_inputs": num_inputs,
-        "num_rows": len(status),
-        "num_ok": int(ok.sum()),
-        "num_error": int((~ok).sum()),
-        "wall_s": wall_s,
-        "images_per_s": len(status) / wall_s if wall_s else 0.0,
-        "megapixels_per_s": float(np.sum(h * w)) / 1e6 / wall_s if wall_s else 0.0,
-        "mean_decode_ms": float(np.mean(table["decode_ms"].to_pylist())) if len(status) else 0.0,
-        "mean_predict_ms": float(np.mean(table["predict_ms"].to_pylist())) if len(status) else 0.0,
-        "error_reasons": sorted({e.split(":")[0] for e in errors if e})[:20],
-        "num_instances": int(counts[ok].sum()),
-        "mean_instances_per_image": float(counts[ok].mean()) if ok.any() else 0.0,
-    }
+    summary: dict[str, Any] = {"task": "instance", **run_counts(cfg, payload, ckpt_id, num_inputs, wall_s, table),
+                               "num_instances": int(counts[ok].sum()),
+                               "mean_instances_per_image": float(counts[ok].mean()) if ok.any() else 0.0}
     with_gt = pads.field("has_ground_truth") == True  # noqa: E712 - a pyarrow expression
     gt_rows = dataset.to_table(columns=["height", "width", "instances", "gt_instances"], filter=with_gt).to_pylist()
     summary["num_with_ground_truth"] = len(gt_rows)

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
 from segray.config import ConfigError, NightlyJobConfig, SourceConfig, StorageOptions
-from segray.infer.steps import OUTPUT_SCHEMA, read_checkpoint
+from segray.infer.steps import OUTPUT_SCHEMA, error_reasons, read_checkpoint
 from segray.io.fs import (
     Sample,
     _glob_base,
@@ -385,7 +385,7 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
         "num_rows": table.num_rows,
         "num_ok": sum(s == "ok" for s in status),
         "num_error": sum(s != "ok" for s in status),
-        "error_reasons": sorted({e.split(":")[0] for e in errors if e})[:20],
+        "error_reasons": error_reasons(errors),
         "archive_size": len(p["entries"]),
         "done_before": p["num_done_before"],
         "checkpoint": cfg.checkpoint,

@@ -19,7 +19,7 @@ import torch
 
 from segray.config import ConfigError, InferJobConfig
 from segray.core.metrics import segmentation_metrics
-from segray.infer.steps import Predictor, encode, read_checkpoint, read_decode
+from segray.infer.steps import Predictor, encode, error_reasons, read_checkpoint, read_decode
 from segray.io.fs import exists, join, list_samples, pyarrow_fs, remove_tree
 from segray.runtime import model_runtime_env
 
@@ -106,12 +106,26 @@ def summarize(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int,
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
     cols = ["status", "error", "height", "width", "confusion", "decode_ms", "predict_ms"]
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cols)
+    summary = run_counts(cfg, payload, ckpt_id, num_inputs, wall_s, table)
+    names = payload["class_names"]
+    cms = [c for c in table["confusion"].to_pylist() if c is not None]
+    summary["num_with_ground_truth"] = len(cms)
+    if cms:
+        k = int(round(math.sqrt(len(cms[0]))))
+        cm = torch.tensor(np.sum(cms, axis=0).reshape(k, k))
+        summary.update(segmentation_metrics(cm, names))
+    return summary
+
+
+def run_counts(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int, wall_s: float,
+               table: pa.Table) -> dict[str, Any]:
+    """What every inference summary reports, from the written rows' ``status``, ``error``,
+    ``height``, ``width``, ``decode_ms`` and ``predict_ms``: counts, rates, stage times, errors."""
     status = np.asarray(table["status"].to_pylist())
     ok = status == "ok"
     errors = [e for e, s in zip(table["error"].to_pylist(), status) if s != "ok"]
-    names = payload["class_names"]
     pixels = float(np.sum(np.asarray(table["height"].to_pylist(), float) * np.asarray(table["width"].to_pylist(), float)))
-    summary: dict[str, Any] = {
+    return {
         "run_id": uuid.uuid4().hex[:12],
         "output": cfg.output,
         "predictions": join(cfg.output, PREDICTIONS),
@@ -126,15 +140,8 @@ def summarize(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int,
         "megapixels_per_s": pixels / 1e6 / wall_s if wall_s else 0.0,
         "mean_decode_ms": float(np.mean(table["decode_ms"].to_pylist())) if len(status) else 0.0,
         "mean_predict_ms": float(np.mean(table["predict_ms"].to_pylist())) if len(status) else 0.0,
-        "error_reasons": sorted({e.split(":")[0] for e in errors if e})[:20],
+        "error_reasons": error_reasons(errors),
     }
-    cms = [c for c in table["confusion"].to_pylist() if c is not None]
-    summary["num_with_ground_truth"] = len(cms)
-    if cms:
-        k = int(round(math.sqrt(len(cms[0]))))
-        cm = torch.tensor(np.sum(cms, axis=0).reshape(k, k))
-        summary.update(segmentation_metrics(cm, names))
-    return summary
 
 
 def write_summary(cfg: InferJobConfig, summary: dict[str, Any]) -> None:

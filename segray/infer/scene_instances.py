@@ -36,10 +36,10 @@ from segray.infer.scene_steps import (
     MASK_NODATA,
     TILE_SCHEMA,
     TileIndex,
-    _bounds,
     _ensure_parent,
     grid_tiles,
     limit_gdal_cache,
+    tile_row,
 )
 from segray.io.fs import join, pyarrow_fs, read_bytes, write_bytes
 from segray.io.raster import CogBlockWriter
@@ -99,21 +99,8 @@ def write_tile_instances(batch: dict[str, Any], storage: StorageOptions | None =
                 write_bytes(url, json.dumps(blob, separators=(",", ":")).encode(), storage)
             except Exception as exc:
                 status, error = "error", f"write: {type(exc).__name__}: {exc}"
-        tr, tc = int(batch["row_off"][i]), int(batch["col_off"][i])
-        r0, c0 = int(batch["core_row_off"][i]), int(batch["core_col_off"][i])
-        ch, cw = int(batch["core_height"][i]), int(batch["core_width"][i])
-        a, b, c, d, e, f = [float(v) for v in batch["transform"][i]]
-        rows["scene_id"].append(str(batch["scene_id"][i]))
-        rows["tile_index"].append(idx)
-        rows["status"].append(status)
-        rows["error"].append(error or None)
-        for key, v in (("row_off", tr), ("col_off", tc), ("height", int(batch["tile_height"][i])),
-                       ("width", int(batch["tile_width"][i])), ("core_row_off", r0), ("core_col_off", c0),
-                       ("core_height", ch), ("core_width", cw)):
+        for key, v in tile_row(batch, i, status, error).items():
             rows[key].append(v)
-        rows["crs"].append(str(batch["crs"][i]) or None)
-        rows["transform"].append([a, b, a * tc + b * tr + c, d, e, d * tc + e * tr + f])
-        rows["bounds"].append(_bounds((a, b, c, d, e, f), (r0, c0, ch, cw)))
         for key in ("valid_fraction", "class_pixels", "class_fractions", "mean_confidence", "confusion"):
             rows[key].append(None)
         rows["has_ground_truth"].append(False)

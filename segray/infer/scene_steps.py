@@ -293,6 +293,20 @@ def _bounds(transform, window: Window) -> list[float]:
     return [min(xs), min(ys), max(xs), max(ys)]
 
 
+def tile_row(batch: dict[str, Any], i: int, status: str, error: str | None) -> dict[str, Any]:
+    """A ``TILE_SCHEMA`` row's identity and place: the tile's window, its core, and the core's
+    CRS, transform and bounds in map coordinates (the tile's own transform, shifted)."""
+    tr, tc = int(batch["row_off"][i]), int(batch["col_off"][i])
+    core = (int(batch["core_row_off"][i]), int(batch["core_col_off"][i]),
+            int(batch["core_height"][i]), int(batch["core_width"][i]))
+    a, b, c, d, e, f = transform = [float(v) for v in batch["transform"][i]]
+    return {"scene_id": str(batch["scene_id"][i]), "tile_index": int(batch["tile_index"][i]), "status": status,
+            "error": error or None, "row_off": tr, "col_off": tc, "height": int(batch["tile_height"][i]),
+            "width": int(batch["tile_width"][i]), "core_row_off": core[0], "core_col_off": core[1],
+            "core_height": core[2], "core_width": core[3], "crs": str(batch["crs"][i]) or None,
+            "transform": [a, b, a * tc + b * tr + c, d, e, d * tc + e * tr + f], "bounds": _bounds(transform, core)}
+
+
 def write_tiles(
     batch: dict[str, Any],
     num_classes: int,
@@ -318,7 +332,6 @@ def write_tiles(
         r0, c0 = int(batch["core_row_off"][i]), int(batch["core_col_off"][i])
         ch, cw = int(batch["core_height"][i]), int(batch["core_width"][i])
         tr, tc = int(batch["row_off"][i]), int(batch["col_off"][i])
-        transform = [float(v) for v in batch["transform"][i]]
         stats: dict[str, Any] = dict.fromkeys(("valid_fraction", "class_pixels", "class_fractions",
                                                "mean_confidence", "confusion"))
         has_gt = False
@@ -347,19 +360,7 @@ def write_tiles(
                         stats["confusion"], has_gt = cm.flatten().tolist(), True
             except Exception as exc:
                 status, error = "error", f"write: {type(exc).__name__}: {exc}"
-        a, b, c, d, e, f = transform
-        rows["scene_id"].append(str(batch["scene_id"][i]))
-        rows["tile_index"].append(tile_index)
-        rows["status"].append(status)
-        rows["error"].append(error or None)
-        for key, v in (("row_off", tr), ("col_off", tc), ("height", int(batch["tile_height"][i])),
-                       ("width", int(batch["tile_width"][i])), ("core_row_off", r0), ("core_col_off", c0),
-                       ("core_height", ch), ("core_width", cw)):
-            rows[key].append(v)
-        rows["crs"].append(str(batch["crs"][i]) or None)
-        rows["transform"].append([a, b, a * tc + b * tr + c, d, e, d * tc + e * tr + f])
-        rows["bounds"].append(_bounds(transform, (r0, c0, ch, cw)))
-        for key, v in stats.items():
+        for key, v in {**tile_row(batch, i, status, error), **stats}.items():
             rows[key].append(v)
         rows["has_ground_truth"].append(has_gt)
         rows["blob"].append(url if status == "ok" else None)

@@ -54,7 +54,7 @@ from segray.infer.scene_steps import (
     virtual_size,
     write_tiles,
 )
-from segray.infer.steps import read_checkpoint
+from segray.infer.steps import error_reasons, read_checkpoint
 from segray.io.fs import exists, join, list_samples, pyarrow_fs, remove_tree
 from segray.io.raster import RasterInfo, gdal_env, open_info
 from segray.runtime import model_runtime_env
@@ -429,7 +429,7 @@ def summarize(cfg: SceneInferJobConfig, rows: list[dict], names: list[str], num_
         "tiles_done_s": tiles_wall_s,  # since the start, when the last tile was written
         "stitch_s": float(sum(r["stitch_s"] or 0.0 for r in ok)),  # summed over scenes
         "megapixels_per_s": pixels / 1e6 / wall_s if wall_s else 0.0,
-        "error_reasons": sorted({e.split(":")[0] for e in errors if e})[:20],
+        "error_reasons": error_reasons(errors),
     }
     cms = [r["confusion"] for r in ok if r["confusion"] is not None]
     summary["num_with_ground_truth"] = len(cms)

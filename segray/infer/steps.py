@@ -140,6 +140,11 @@ def read_checkpoint(url: str, storage: StorageOptions | None = None) -> tuple[di
     return load_payload(data), checkpoint_id(data)
 
 
+def error_reasons(errors: list[str | None], most: int = 20) -> list[str]:
+    """The distinct kinds of error of a run (the text before the first colon), for its summary."""
+    return sorted({e.split(":")[0] for e in errors if e})[:most]
+
+
 def same_shape_chunks(images: list[np.ndarray], max_batch: int) -> Iterator[list[int]]:
     """Indices of same-shape images, at most ``max_batch`` at a time: one forward pass each."""
     by_shape: dict[tuple, list[int]] = {}

@@ -10,10 +10,22 @@ import copy
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _hw(value: Any) -> Any:
+    """An int n means [n, n]; a pair is [height, width]."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return tuple(value)
+    raise ValueError("give a positive int or [height, width]")
+
+
+Size2D = Annotated[tuple[int, int], BeforeValidator(_hw)]
 
 
 class _Strict(BaseModel):
@@ -75,6 +87,8 @@ class ModelConfig(_Strict):
     base_width: int = Field(default=32, gt=0)
     batch_norm: bool = True
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    sync_batch_norm: bool = Field(
+        default=False, description="SyncBatchNorm across workers (small per-worker batches); GPU workers only")
     down: Literal["maxpool", "conv"] = "maxpool"
     up: Literal["transpose", "bilinear"] = "transpose"
     weights: Optional[str] = Field(default=None, description="local/fsspec path of a state dict or segray checkpoint")
@@ -121,7 +135,9 @@ class LossTerm(_Strict):
 
 class LossConfig(_Strict):
     terms: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="ce"), LossTerm(name="dice")])
-    class_weights: Optional[list[float]] = None
+    class_weights: Optional[list[float] | Literal["auto"]] = Field(
+        default=None, description="per-class weights of ce/focal (binary: bce's pos_weight); 'auto' = median "
+        "frequency balancing (SegNet) computed from the training labels, ignored pixels left out")
     focal_gamma: float = Field(default=2.0, ge=0)
 
     @field_validator("terms")
@@ -213,8 +229,26 @@ class DataConfig(_Strict):
     class_names: list[str] = Field(default_factory=lambda: ["background", "foreground"])
     ignore_index: Optional[int] = Field(default=None, description="label value excluded from loss and metrics")
     bands: Optional[list[int]] = Field(default=None, description="0-based bands to read, in order; None = all")
-    image_size: Optional[int] = Field(default=None, gt=0, description="resize (square) before training; None = as is")
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)
+    image_size: Optional[Size2D] = Field(
+        default=None, description="resize every image to [h, w] (an int: square) before training; None = as is")
+    crop_size: Optional[Size2D] = Field(
+        default=None, description="random [h, w] crop of each training image, drawn anew every epoch (an int: "
+        "square); images smaller than the crop are padded (mask: ignore_index, else mirrored)")
+    scale_jitter: Optional[tuple[float, float]] = Field(
+        default=None, description="rescale each training image by a random factor in [lo, hi] before the crop")
+    val_crop: Literal["whole", "center"] = Field(
+        default="whole", description="validate on whole images (any size) or on centre crops of crop_size")
+    shuffle: Literal["global", "buffer", "none"] = Field(
+        default="global", description="training order, reshuffled every epoch from train.seed: 'global' = Ray "
+        "Data random_shuffle of the whole set; 'buffer' = a local shuffle buffer (shuffle_buffer_size rows) "
+        "after randomizing block order, for sets too big to shuffle; 'none' = source order (rarely right)")
+    shuffle_buffer_size: int = Field(default=512, gt=1, description="rows held by the 'buffer' shuffle, per worker")
+    val_fraction: float = Field(default=0.2, ge=0, lt=1, description="random cut for validation (without val_source)")
+    val_source: Optional[SourceConfig] = Field(
+        default=None, description="a separate validation set (folder, glob or manifest); replaces the random cut "
+        "(val_fraction is then not used)")
+    test_source: Optional[SourceConfig] = Field(
+        default=None, description="a test set, evaluated once with the best checkpoint after training")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     storage: StorageOptions = Field(default_factory=StorageOptions)
     chips: Optional[ChipsConfig] = Field(default=None, description="train on windows cut from GeoTIFF/COG scenes")
@@ -225,6 +259,24 @@ class DataConfig(_Strict):
     def task(self) -> str:
         return "semantic" if self.format == "semantic" else "instance"
 
+    @property
+    def has_val(self) -> bool:
+        return self.val_source is not None or self.val_fraction > 0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "DataConfig":
+        if self.scale_jitter is not None:
+            lo, hi = self.scale_jitter
+            if not 0 < lo <= hi:
+                raise ValueError(f"scale_jitter: need 0 < lo <= hi, got [{lo}, {hi}]")
+            if self.crop_size is None:
+                raise ValueError("scale_jitter: rescaled images differ in size; give crop_size too")
+        if self.val_crop == "center" and self.crop_size is None:
+            raise ValueError("val_crop: 'center' crops to crop_size; give crop_size")
+        if self.task == "instance" and (self.crop_size or self.scale_jitter or self.val_source or self.test_source):
+            raise ValueError("crop_size/scale_jitter/val_source/test_source: semantic data only for now")
+        return self
+
     @model_validator(mode="after")
     def _chips_fields(self) -> "DataConfig":
         if self.chips is None:
@@ -233,6 +285,8 @@ class DataConfig(_Strict):
             raise ValueError("chips: scene chips carry semantic labels (format 'semantic')")
         if self.image_size is not None:
             raise ValueError("image_size: chips have chips.size; leave image_size unset")
+        if self.val_source is not None or self.test_source is not None:
+            raise ValueError("val_source/test_source: chips hold out whole scenes (val_fraction)")
         if self.ignore_index is None and (self.chips.label_nodata is not None or self.chips.nodata is not None):
             raise ValueError("ignore_index: nodata pixels need an ignore_index to be left out of loss and metrics")
         return self
@@ -255,7 +309,10 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
-    schedule: Literal["cosine", "step", "constant"] = Field(default="cosine", description="per-epoch LR decay")
+    schedule: Literal["poly", "cosine", "step", "constant"] = Field(
+        default="cosine", description="LR decay: poly (per step, (1 - t/T)**poly_power, torchvision's "
+        "segmentation reference), cosine (per epoch), step, constant")
+    poly_power: float = Field(default=0.9, gt=0, description="schedule 'poly': exponent")
     step_size: int = Field(default=10, gt=0, description="schedule 'step': epochs between decays")
     gamma: float = Field(default=0.1, gt=0, le=1, description="schedule 'step': LR factor per decay")
     warmup_steps: int = Field(default=0, ge=0, description="linear LR warm-up over this many optimizer steps")
@@ -270,6 +327,8 @@ class TrainLoopConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=0.5, gt=0)
     amp: bool = Field(default=True, description="mixed precision; only used on GPU")
+    accumulate_grad_batches: int = Field(
+        default=1, gt=0, description="optimizer step every N batches (effective batch = N x batch_size x workers)")
     seed: int = 0
     patience: Optional[int] = Field(default=5, gt=0, description="early stopping: epochs without improvement")
     metric: str = Field(default="val_miou", description="metric that picks the best checkpoint")
@@ -321,7 +380,7 @@ class TrainJobConfig(_Strict):
             return self._data_fits()
         if len(names) != max(n, 2) and not (n == 1 and len(names) in (1, 2)):
             raise ValueError(f"data.class_names has {len(names)} names but model.num_classes is {n}")
-        if self.loss.class_weights is not None and len(self.loss.class_weights) != max(n, 1):
+        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != max(n, 1):
             raise ValueError(f"loss.class_weights needs {n} values")
         if self.model.num_classes == 1 and any(t.name == "ce" for t in self.loss.terms):
             raise ValueError("loss.terms: use 'bce', not 'ce', with model.num_classes=1")
@@ -331,8 +390,12 @@ class TrainJobConfig(_Strict):
 
     def _data_fits(self) -> "TrainJobConfig":
         """Checks shared by both model families."""
-        if self.data.val_fraction == 0 and self.train.metric.startswith("val_"):
-            raise ValueError(f"train.metric: {self.train.metric!r} needs validation data (data.val_fraction > 0)")
+        if not self.data.has_val and self.train.metric.startswith("val_"):
+            raise ValueError(f"train.metric: {self.train.metric!r} needs validation data "
+                             "(data.val_fraction > 0 or data.val_source)")
+        if self.model.sync_batch_norm and not self.train.use_gpu:
+            raise ValueError("model.sync_batch_norm: torch's SyncBatchNorm runs on GPU workers only "
+                             "(train.use_gpu: true)")
         if self.data.bands is not None and len(self.data.bands) != self.model.in_channels:
             raise ValueError("data.bands must list model.in_channels bands")
         return self
@@ -369,36 +432,50 @@ def demo_instance_model() -> ModelConfig:
                        max_size=320, anchor_sizes=[8, 16, 32, 64, 128])
 
 
+# What the demo trains with, per task; `--set train.x=...` refines these (it does not replace them).
+# Semantic: 36 scenes of 128 px, 2 workers x 4, 15 epochs of the poly schedule = 60 optimizer steps,
+# about a minute here, val mIoU ~0.65 (benchmarks/README.md). Instance: Mask R-CNN is ~50x slower a step.
+DEMO_TRAIN = {
+    "semantic": {"epochs": 15, "batch_size": 4, "patience": None},
+    "instance": {"epochs": 3, "batch_size": 2, "patience": None, "metric": "val_segm_ap"},
+}
+DEMO_OPTIM = {"semantic": {"schedule": "poly", "lr": 0.003}, "instance": {}}
+
+
 class DemoJobConfig(_Strict):
     workdir: str = "segray-demo"
     task: Literal["semantic", "instance"] = Field(
         default="semantic", description="semantic: U-Net on class maps; instance: Mask R-CNN on separate objects")
-    num_images: int = Field(default=48, gt=1)
+    num_images: int = Field(default=48, gt=3, description="scenes generated; a quarter are the validation set")
     image_size: int = Field(default=128, ge=32)
     seed: int = 0
-    train: TrainLoopConfig = Field(default_factory=lambda: TrainLoopConfig(epochs=3, batch_size=8, patience=None))
+    train: TrainLoopConfig = Field(default_factory=lambda: TrainLoopConfig(**DEMO_TRAIN["semantic"]))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(**DEMO_OPTIM["semantic"]))
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(num_classes=5, depth=3, base_width=16))
 
     @model_validator(mode="before")
     @classmethod
-    def _instance_model_base(cls, data: Any) -> Any:
-        """task=instance: model fields given without a name refine the demo's Mask R-CNN."""
-        if isinstance(data, dict) and data.get("task") == "instance":
+    def _task_bases(cls, data: Any) -> Any:
+        """Fields given refine the task's demo defaults (task=instance: the demo's Mask R-CNN)."""
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task", "semantic")
+        data = dict(data)
+        for key, base in (("train", DEMO_TRAIN), ("optim", DEMO_OPTIM)):
+            given = data.get(key)
+            if given is None or isinstance(given, dict):
+                data[key] = {**base.get(task, {}), **(given or {})}
+        if task == "instance":
             model = data.get("model")
             if model is None or (isinstance(model, dict) and "name" not in model):
-                data = {**data, "model": {**demo_instance_model().model_dump(), **(model or {})}}
+                data["model"] = {**demo_instance_model().model_dump(), **(model or {})}
         return data
 
     @model_validator(mode="after")
-    def _task_defaults(self) -> "DemoJobConfig":
-        if self.task == "instance":
-            if self.model.name not in INSTANCE_MODELS:
-                raise ValueError(f"model.name: task 'instance' needs one of {list(INSTANCE_MODELS)}")
-            if "metric" not in self.train.model_fields_set:
-                self.train.metric = "val_segm_ap"
-            if "train" not in self.model_fields_set or "batch_size" not in self.train.model_fields_set:
-                self.train.batch_size = 2
-        elif self.model.name in INSTANCE_MODELS:
+    def _task_model(self) -> "DemoJobConfig":
+        if self.task == "instance" and self.model.name not in INSTANCE_MODELS:
+            raise ValueError(f"model.name: task 'instance' needs one of {list(INSTANCE_MODELS)}")
+        if self.task == "semantic" and self.model.name in INSTANCE_MODELS:
             raise ValueError("task: a Mask R-CNN model needs task 'instance'")
         return self
 

@@ -11,16 +11,28 @@ from segray.config import DemoJobConfig, InferJobConfig, SourceConfig, TrainJobC
 from segray.report import console, infer_rows, print_table
 
 
-def demo_train_config(cfg: DemoJobConfig, data: dict[str, Any], workdir: Path) -> TrainJobConfig:
+def demo_train_config(cfg: DemoJobConfig, train: dict[str, Any], val: dict[str, Any],
+                      workdir: Path) -> TrainJobConfig:
     return TrainJobConfig.model_validate({
         "data": {
-            "source": {"images": data["images"], "masks": data["masks"]},
-            "class_names": data["class_names"],
-            "val_fraction": 0.25,
+            "source": {"images": train["images"], "masks": train["masks"]},
+            "val_source": {"images": val["images"], "masks": val["masks"]},
+            "class_names": train["class_names"],
         },
         "model": cfg.model.model_dump(),
+        "optim": cfg.optim.model_dump(),
         "train": {**cfg.train.model_dump(), "storage_path": str(workdir / "runs"), "name": "demo"},
     })
+
+
+def write_demo_splits(cfg: DemoJobConfig, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Training scenes and, from another seed, a quarter as many validation scenes."""
+    from segray.core.demo import write_demo_dataset
+
+    n_val = max(1, cfg.num_images // 4)
+    train = write_demo_dataset(root / "train", cfg.num_images - n_val, cfg.image_size, seed=cfg.seed)
+    val = write_demo_dataset(root / "val", n_val, cfg.image_size, seed=cfg.seed + 1)
+    return train, val
 
 
 def overlay_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
@@ -42,7 +54,6 @@ def overlay_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarr
 
 
 def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
-    from segray.core.demo import write_demo_dataset
     from segray.infer.pipeline import run_inference
     from segray.train.plots import plot_overlays
     from segray.train.trainer import run_training, summary_rows
@@ -53,19 +64,21 @@ def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
         return run_instance_demo(cfg)
     workdir = Path(cfg.workdir).resolve()
     console.rule("[bold]segray demo")
-    console.print(f"1/3 generating {cfg.num_images} scenes of {cfg.image_size}px in {workdir / 'data'}")
-    data = write_demo_dataset(workdir / "data", cfg.num_images, cfg.image_size, seed=cfg.seed)
+    train, val = write_demo_splits(cfg, workdir / "data")
+    console.print(f"1/3 generated {train['count']} training and {val['count']} validation scenes of "
+                  f"{cfg.image_size}px in {workdir / 'data'}")
 
-    job = demo_train_config(cfg, data, workdir)
+    job = demo_train_config(cfg, train, val, workdir)
     console.print(f"2/3 training {job.model.name} on {job.train.num_workers} Ray Train workers "
-                  f"for {job.train.epochs} epochs")
+                  f"for {job.train.epochs} epochs (validation: the {val['count']} held-out scenes)")
     result = run_training(job)
     print_table("training summary", summary_rows(result, job.data.class_names) + [
         ("best checkpoint", result.best_checkpoint), ("curves", result.curves_png)])
 
-    console.print("3/3 segmenting the scenes with Ray Data (ground truth given, so metrics are computed)")
+    console.print(f"3/3 segmenting the {val['count']} validation scenes with Ray Data "
+                  "(never trained on; ground truth given, so metrics are computed)")
     infer_cfg = InferJobConfig(
-        source=SourceConfig(images=data["images"], masks=data["masks"]),
+        source=SourceConfig(images=val["images"], masks=val["masks"]),
         checkpoint=result.best_checkpoint,
         output=str(workdir / "predictions"),
         overwrite=True,
@@ -73,5 +86,5 @@ def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
     summary = run_inference(infer_cfg)
     overlays = str(workdir / "overlays.png")
     plot_overlays(overlay_panels(summary["predictions"]), overlays)
-    print_table("inference summary", infer_rows(summary, data["class_names"]) + [("overlays", overlays)])
+    print_table("inference summary (validation scenes)", infer_rows(summary, val["class_names"]) + [("overlays", overlays)])
     return {"train": result, "infer": summary, "overlays": overlays}

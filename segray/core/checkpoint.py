@@ -25,7 +25,7 @@ def make_payload(
     task: str = "semantic",
     ignore_index: int | None = None,
     bands: list[int] | None = None,
-    image_size: int | None = None,
+    image_size: list[int] | None = None,
     metrics: dict[str, float] | None = None,
     train_state: dict | None = None,
 ) -> dict[str, Any]:

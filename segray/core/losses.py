@@ -7,6 +7,7 @@ multi-class as in ``F.cross_entropy`` (weighted mean), binary as BCE's ``pos_wei
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,6 +149,8 @@ class CombinedLoss(nn.Module):
 def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int | None) -> CombinedLoss:
     """``cfg.terms`` as one ``CombinedLoss``; a term named twice has its weights added."""
     n_weights = max(num_classes, 1)
+    if cfg.class_weights == "auto":
+        raise ValueError("class_weights 'auto': resolve it from the training labels first (median_frequency_weights)")
     if cfg.class_weights is not None and len(cfg.class_weights) != n_weights:
         raise ValueError(f"class_weights needs {n_weights} values, got {len(cfg.class_weights)}")
     weights: dict[str, float] = {}
@@ -164,3 +167,28 @@ def build_loss(cfg: LossConfig, num_classes: int, ignore_index: int | None) -> C
         "dice": lambda: DiceLoss(ignore_index),
     }
     return CombinedLoss({name: (w, make[name]()) for name, w in weights.items()})
+
+
+def median_frequency_weights(class_pixels, image_pixels) -> list[float]:
+    """Median frequency balancing (Eigen & Fergus; SegNet): ``freq[c]`` is the pixels of class c
+    over the pixels of the training images where c occurs, and ``weight[c] = median(freq) / freq[c]``
+    (median over the classes that occur). A class that never occurs gets weight 0: it has no pixel
+    to weight. Ignored pixels must be left out of both counts.
+    """
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    images = np.asarray(image_pixels, dtype=np.float64)
+    present = pixels > 0
+    if not present.any():
+        raise ValueError("class_weights 'auto': the training labels hold no labelled pixel")
+    freq = np.where(present, pixels / np.maximum(images, 1), 0.0)
+    median = float(np.median(freq[present]))
+    return [float(median / f) if f > 0 else 0.0 for f in freq]
+
+
+def resolve_class_weights(cfg: LossConfig, num_classes: int, class_pixels, image_pixels) -> list[float]:
+    """``class_weights: auto`` as the list the loss takes: per class, or for one binary logit
+    bce's ``pos_weight`` (foreground over background weight)."""
+    weights = median_frequency_weights(class_pixels, image_pixels)
+    if num_classes == 1:
+        return [weights[1] / weights[0] if weights[0] > 0 else 1.0]
+    return weights

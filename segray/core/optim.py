@@ -18,13 +18,18 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: OptimConfig, epochs: int, epoch: int, step: int) -> float:
+def lr_factor(cfg: OptimConfig, epochs: int, epoch: int, step: int, total_steps: int | None = None) -> float:
     """Multiplier of ``cfg.lr`` during ``epoch`` (0-based) at global optimizer ``step`` (0-based).
 
-    cosine: ``(1 + cos(pi * epoch / epochs)) / 2``; step: ``gamma ** (epoch // step_size)``;
+    poly: ``(1 - step / total_steps) ** poly_power`` per step (torchvision's segmentation
+    reference); cosine: ``(1 + cos(pi * epoch / epochs)) / 2``; step: ``gamma ** (epoch // step_size)``;
     warm-up: linear from ``warmup_factor`` at step 0 to 1 at ``warmup_steps``.
     """
-    if cfg.schedule == "cosine":
+    if cfg.schedule == "poly":
+        if not total_steps:
+            raise ValueError("schedule 'poly' needs the run's total number of optimizer steps")
+        main = (1.0 - min(step, total_steps) / total_steps) ** cfg.poly_power
+    elif cfg.schedule == "cosine":
         main = 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
     elif cfg.schedule == "step":
         main = cfg.gamma ** (epoch // cfg.step_size)

@@ -150,7 +150,7 @@ def augment(
     Brightness adds ``uniform(-b, b)`` times each band's std and contrast scales each band
     around its mean, so both mean the same on raw and on normalised images. Photometric
     jitter runs first so pixels rotated in from outside stay exactly 0. rot90 on a
-    non-square pair swaps H and W. Rotation by ``uniform(-deg, deg)`` is applied whenever
+    non-square pair turns by 180 degrees only (shapes stay). Rotation by ``uniform(-deg, deg)`` is applied whenever
     ``cfg.rotate_degrees > 0``; masked pixels from outside become ``ignore_index`` (else 0).
     """
     if image.ndim != 3 or mask.shape != image.shape[1:]:
@@ -168,7 +168,8 @@ def augment(
     if rng.random() < cfg.vflip:
         img, msk = img[:, ::-1, :], msk[::-1, :]
     if rng.random() < cfg.rot90:
-        k = int(rng.integers(1, 4))
+        # Non-square pairs turn by 180 degrees only, so every sample of a batch keeps its shape.
+        k = int(rng.integers(1, 4)) if img.shape[1] == img.shape[2] else 2
         img, msk = np.rot90(img, k, axes=(1, 2)), np.rot90(msk, k)
     img, msk = np.ascontiguousarray(img), np.ascontiguousarray(msk)
     if cfg.rotate_degrees > 0:
@@ -176,12 +177,74 @@ def augment(
     return img.astype(np.float32, copy=False), msk
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resize to size x size: bilinear (antialiased when shrinking) image, nearest mask."""
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def resize_pair(
+    image: np.ndarray, mask: np.ndarray, size: int | tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to ``size`` ([h, w], or an int for a square): bilinear (antialiased when shrinking)
+    image, nearest mask."""
     if image.ndim != 3 or np.shape(mask) != image.shape[1:]:
         raise ValueError(f"image [C, H, W] and mask [H, W] must match, got {image.shape} and {np.shape(mask)}")
+    hw = _hw(size)
     img = torch.tensor(np.asarray(image), dtype=torch.float32)[None]  # a copy: inputs may be read-only
-    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    img = F.interpolate(img, size=hw, mode="bilinear", align_corners=False, antialias=True)
     lab = torch.from_numpy(np.asarray(mask).astype(np.float64))[None, None]
-    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
+    lab = F.interpolate(lab, size=hw, mode="nearest-exact")
     return img[0].numpy(), lab[0, 0].numpy().astype(mask.dtype)
+
+
+def random_scale(
+    image: np.ndarray, mask: np.ndarray, scale: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale by a factor drawn uniformly from ``scale`` (torchvision's RandomResize, as a factor)."""
+    f = rng.uniform(*scale)
+    _, h, w = image.shape
+    return resize_pair(image, mask, (max(1, round(h * f)), max(1, round(w * f))))
+
+
+def pad_to(
+    image: np.ndarray, mask: np.ndarray, size: tuple[int, int], ignore_index: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad bottom/right up to ``size``: with ``ignore_index`` the mask gets it and the image its
+    band means (0 once normalised), so padding teaches nothing; without one both are mirrored."""
+    _, h, w = image.shape
+    ph, pw = max(size[0] - h, 0), max(size[1] - w, 0)
+    if not ph and not pw:
+        return image, mask
+    if ignore_index is None:  # 'symmetric' repeats edge pixels: works for any pad, even past the size
+        return (np.pad(image, ((0, 0), (0, ph), (0, pw)), mode="symmetric"),
+                np.pad(mask, ((0, ph), (0, pw)), mode="symmetric"))
+    mean = image.reshape(image.shape[0], -1).mean(axis=1).astype(image.dtype)
+    img = np.empty((image.shape[0], h + ph, w + pw), image.dtype)
+    img[:] = mean[:, None, None]
+    img[:, :h, :w] = image
+    msk = np.full((h + ph, w + pw), ignore_index, mask.dtype)
+    msk[:h, :w] = mask
+    return img, msk
+
+
+def random_crop(
+    image: np.ndarray, mask: np.ndarray, size: int | tuple[int, int], rng: np.random.Generator,
+    ignore_index: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` window at a uniformly random offset, the same for image and mask (padded first
+    when the image is smaller, see :func:`pad_to`)."""
+    ch, cw = _hw(size)
+    image, mask = pad_to(image, mask, (ch, cw), ignore_index)
+    _, h, w = image.shape
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return image[:, y:y + ch, x:x + cw], mask[y:y + ch, x:x + cw]
+
+
+def center_crop(
+    image: np.ndarray, mask: np.ndarray, size: int | tuple[int, int], ignore_index: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The centred ``size`` window (padded first when the image is smaller)."""
+    ch, cw = _hw(size)
+    image, mask = pad_to(image, mask, (ch, cw), ignore_index)
+    _, h, w = image.shape
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return image[:, y:y + ch, x:x + cw], mask[y:y + ch, x:x + cw]

@@ -160,7 +160,7 @@ def rasterize_window(url: str, scene_crs: str, transform, window: Window, chips:
 
 
 def read_chips(batch: dict[str, Any], data: dict) -> dict[str, Any]:
-    """Rows (scene, label, window) -> ``image float32 [C, s, s]`` (NaN = nodata), ``mask int64``.
+    """Rows (scene, label, window) -> ``image float32 [C, s, s]`` (NaN = nodata), ``mask int64``, ``image_id``.
 
     Chips with fewer labelled pixels than ``chips.min_valid_fraction`` are dropped.
     """
@@ -176,7 +176,7 @@ def read_chips(batch: dict[str, Any], data: dict) -> dict[str, Any]:
     bands = [b + 1 for b in cfg.bands] if cfg.bands else None
     ignore = cfg.ignore_index
     k = max(len(cfg.class_names), 2)
-    images, masks = [], []
+    images, masks, ids = [], [], []
     for i in range(len(batch["image"])):
         window = tuple(int(v) for v in batch["window"][i])
         image, valid = read_window(str(batch["image"][i]), window, bands=bands, nodata=chips.nodata, env=env)
@@ -199,7 +199,9 @@ def read_chips(batch: dict[str, Any], data: dict) -> dict[str, Any]:
         image[:, ~valid] = np.nan
         images.append(image)
         masks.append(label.astype(np.int64))
-    return {"image": images, "mask": masks}
+        stem = posixpath.splitext(posixpath.basename(str(batch["image"][i])))[0]
+        ids.append(f"{stem}@{window[0]},{window[1]}")  # scene and window offset (row, col)
+    return {"image": images, "mask": masks, "image_id": np.array(ids, dtype=object)}
 
 
 
@@ -207,7 +209,7 @@ def fill_nodata(batch: dict[str, Any], mean: list[float]) -> dict[str, Any]:
     """NaN (nodata) pixels -> the band mean, i.e. 0 after normalisation."""
     m = np.asarray(mean, np.float32)[:, None, None]
     images = [np.where(np.isnan(im), m, im).astype(np.float32) for im in batch["image"]]
-    return {"image": images, "mask": list(batch["mask"])}
+    return {"image": images, "mask": list(batch["mask"]), "image_id": batch["image_id"]}
 
 
 # --------------------------------------------------------------------------- datasets
@@ -280,33 +282,30 @@ def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def build_chip_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
-    """(train_ds, val_ds or None, BandStats), as ``datasets.build_datasets`` returns them."""
+    """:class:`segray.data.datasets.TrainingData` of chips, shuffled and augmented as images are."""
     import ray
 
-    from segray.data.datasets import augment_batch
+    from segray.data.datasets import TrainingData, in_order, train_plan, val_plan
 
     train_rows, val_rows = chip_rows(cfg, seed)
     data = cfg.model_dump(mode="json")
 
     def load(rows: list[dict]):
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism)))
+        ds = in_order(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism))))
         return ds.map_batches(read_chips, fn_kwargs={"data": data}, batch_size=8, num_cpus=0.5).materialize()
 
     train_ds = load(train_rows)
     val_ds = load(val_rows) if val_rows else None
-    if train_ds.count() == 0:
+    num_train = train_ds.count()
+    if num_train == 0:
         raise ValueError("data.chips: no training chip has enough labelled pixels (min_valid_fraction)")
     if cfg.band_stats is not None:
         stats = BandStats(mean=list(cfg.band_stats.mean), std=list(cfg.band_stats.std))
     else:  # from a sample of chips; NaN (nodata) pixels are skipped
         stats = compute_band_stats(row["image"] for row in train_ds.limit(STATS_SAMPLE).iter_rows())
     fill = {"fn_kwargs": {"mean": stats.mean}, "batch_size": 8, "num_cpus": 0.5}
-    train_ds = train_ds.map_batches(fill_nodata, **fill).map_batches(
-        augment_batch,
-        fn_kwargs={"augment_cfg": cfg.augment.model_dump(), "ignore_index": cfg.ignore_index},
-        batch_size=8,
-        num_cpus=0.5,
-    )
+    decoded = train_ds.map_batches(fill_nodata, **fill)
     if val_ds is not None:
         val_ds = val_ds.map_batches(fill_nodata, **fill)
-    return train_ds, val_ds, stats
+    return TrainingData(train=train_plan(decoded, cfg, seed), val=val_plan(val_ds, cfg), band_stats=stats,
+                        decoded=decoded, num_train=num_train)

@@ -16,7 +16,7 @@ import numpy as np
 
 from segray.config import DataConfig
 from segray.core.transforms import BandStats, compute_band_stats
-from segray.data.datasets import STATS_SAMPLE, split_samples
+from segray.data.datasets import STATS_SAMPLE, TrainingData, in_order, shuffled, split_samples
 from segray.infer.instance import category_ids_for, instance_items, read_decode_instances
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ def decode_instance_rows(batch: dict[str, Any], data: dict, category_labels: lis
 
 
 def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
-    """Returns (train_ds, val_ds, band_stats, category_ids); ``category_ids[label]`` is the COCO
-    category id of each class (the label itself without a COCO file)."""
+    """:class:`TrainingData`; ``category_ids[label]`` is the COCO category id of each class (the
+    label itself without a COCO file)."""
     import ray
 
     items, cat_labels, coco = instance_items(cfg.source, cfg.storage, cfg.class_names, cfg.coco_json,
@@ -64,7 +64,7 @@ def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     train_items, val_items = split_samples(items, cfg.val_fraction, seed)  # type: ignore[arg-type]
 
     def load(rows: list[dict]):
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism)))
+        ds = in_order(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism))))
         return ds.map_batches(
             decode_instance_rows,
             fn_kwargs={"data": cfg.model_dump(mode="json"),
@@ -75,10 +75,13 @@ def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
 
     train_ds = load(train_items)
     val_ds = load(val_items) if val_items else None
-    if train_ds.count() == 0:
+    num_train = train_ds.count()
+    if num_train == 0:
         raise ValueError("data.source: no readable image with ground truth for training")
     if cfg.band_stats is not None:  # fixed by the config
         stats = BandStats(mean=list(cfg.band_stats.mean), std=list(cfg.band_stats.std))
     else:
         stats = compute_band_stats(row["image"] for row in train_ds.limit(STATS_SAMPLE).iter_rows())
-    return train_ds, val_ds, stats, category_ids_for(cfg.class_names, coco)
+    # Shuffled anew every epoch (augmentation happens in the workers' detection collate).
+    return TrainingData(train=shuffled(train_ds, cfg, seed), val=val_ds, band_stats=stats, decoded=train_ds,
+                        num_train=num_train, category_ids=category_ids_for(cfg.class_names, coco))

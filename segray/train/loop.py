@@ -8,8 +8,11 @@ resuming from Ray Train's latest checkpoint after a lost worker.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -43,6 +46,72 @@ def _resume(model, opt) -> dict[str, Any]:
     return state
 
 
+def _train_epoch(job: TrainJobConfig, task, model, opt, scaler, state: dict, epoch: int, plan: dict) -> dict:
+    """One pass over this worker's shard; returns summed loss parts, its sample count and step time.
+
+    With ``accumulate_grad_batches = N`` the optimizer steps after every N batches (and after the
+    epoch's last one); DDP synchronises gradients only on those batches (``no_sync`` elsewhere).
+    Every worker gets the same number of batches (the shard split is equal), so they agree on it.
+    """
+    import ray.train
+
+    t, accum = job.train, job.train.accumulate_grad_batches
+    use_amp = scaler.is_enabled()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums: dict[str, float] = {"loss": 0.0, "n": 0.0}
+    lr, steps, started, waited = job.optim.lr, 0, time.perf_counter(), 0.0
+    batches = iter(task.train_batches(ray.train.get_dataset_shard("train"), epoch))
+    for i in itertools.count():
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t0  # the input pipeline's share of the step time
+        if batch is None:
+            break
+        boundary = (i + 1) % accum == 0 or i + 1 >= plan["batches_per_epoch"]
+        if i % accum == 0:
+            lr = job.optim.lr * lr_factor(job.optim, t.epochs, epoch, state["step"], plan["total_steps"])
+            set_lr(opt, lr)
+        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(task.device.type, enabled=use_amp):
+                loss, n, parts = task.loss(model, batch)
+            scaler.scale(loss / accum).backward()
+        if boundary:
+            if job.optim.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            steps += 1
+        sums["loss"] += loss.item() * n
+        sums["n"] += n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+    if sums["n"] == 0:
+        raise ValueError(f"train.batch_size: {t.batch_size} is more than this worker's share of the data")
+    return {"sums": sums, "lr": lr, "step_s": (time.perf_counter() - started) / max(steps, 1),
+            "data_wait_s": waited / max(steps, 1)}
+
+
+def _epoch_metrics(epoch: int, done: dict, rank: int, world: int) -> dict[str, float]:
+    """Loss parts averaged over all workers' samples, and the samples each worker saw."""
+    sums = done["sums"]
+    keys = sorted(sums)  # same keys on every rank: the task always reports the same parts
+    reduced = dict(zip(keys, all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+    seen = torch.zeros(world, dtype=torch.float64)
+    seen[rank] = sums["n"]
+    seen = all_reduce(seen)
+    n = max(reduced["n"], 1)
+    metrics: dict[str, float] = {"epoch": epoch + 1, "lr": done["lr"], "train_loss": reduced["loss"] / n,
+                                 "train_step_s": done["step_s"], "train_data_wait_s": done["data_wait_s"],
+                                 "train_samples": reduced["n"]}
+    metrics.update({k: v / n for k, v in reduced.items() if k.startswith("train_")})
+    metrics.update({f"train_samples/w{r}": float(v) for r, v in enumerate(seen.tolist())})
+    return metrics
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
@@ -51,57 +120,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     band_stats = config["band_stats"]
     t = job.train
     torch.manual_seed(t.seed)
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     use_amp = t.amp and device.type == "cuda"
     task = make_task(job, band_stats, device, use_amp)
 
     model = task.build_model()
+    if getattr(job.model, "sync_batch_norm", False) and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = build_optimizer(job.optim, model.parameters())
     state = _resume(model, opt)
     model = ray.train.torch.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
     for epoch in range(state["epoch"], t.epochs):
         model.train()
-        sums: dict[str, float] = {"loss": 0.0, "n": 0.0}
-        lr = job.optim.lr
-        for batch in task.train_batches(ray.train.get_dataset_shard("train")):
-            lr = job.optim.lr * lr_factor(job.optim, t.epochs, epoch, state["step"])
-            set_lr(opt, lr)
-            with torch.autocast(device.type, enabled=use_amp):
-                loss, n, parts = task.loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if job.optim.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, job.optim.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            state["step"] += 1
-            sums["loss"] += loss.item() * n
-            sums["n"] += n
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-        if sums["n"] == 0:
-            raise ValueError(f"train.batch_size: {t.batch_size} is more than this worker's share of the data")
-        keys = sorted(sums)  # same keys on every rank: the task always reports the same parts
-        totals = all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        reduced = dict(zip(keys, totals.tolist()))
+        done = _train_epoch(job, task, model, opt, scaler, state, epoch, config["plan"])
+        metrics = _epoch_metrics(epoch, done, rank, world)
 
         model.eval()
         val = ray.train.get_dataset_shard("val") if config["has_val"] else None
         # The trainer does not split validation (see trainer.build_trainer): every worker reads it
         # whole and evaluates its part, so each image counts once and no worker runs out of rows.
-        part = (rank, ray.train.get_context().get_world_size()) if config.get("val_whole") else None
+        part = (rank, world) if config.get("val_whole") else None
         # The bare module: DDP's forward would broadcast buffers, a collective that ranks with
         # different numbers of validation batches would never all reach.
         bare = getattr(model, "module", model)
         val_metrics = task.validate(bare, val, part) if config["has_val"] else {}
 
-        metrics: dict[str, float] = {"epoch": epoch + 1, "lr": lr, "train_loss": reduced["loss"] / max(reduced["n"], 1)}
-        metrics.update({k: v / max(reduced["n"], 1) for k, v in reduced.items() if k.startswith("train_")})
         metrics.update(val_metrics)
         if "resumed_from_epoch" in state:
             metrics["resumed_from_epoch"] = state["resumed_from_epoch"]
@@ -124,7 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                                **{k2: state[k2] for k2 in ("epoch", "step", "best", "bad_epochs", "history")}}
                 payload = make_payload(
                     model, job.model.model_dump(mode="json"), job.data.class_names, band_stats, task=task.name,
-                    ignore_index=job.data.ignore_index, bands=job.data.bands, image_size=job.data.image_size,
+                    ignore_index=job.data.ignore_index, bands=job.data.bands, image_size=list(job.data.image_size) if job.data.image_size else None,
                     metrics=metrics, train_state=train_state,
                 )
                 if config.get("category_ids") is not None:

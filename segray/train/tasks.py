@@ -3,9 +3,9 @@
 The loop in :mod:`segray.train.loop` is the same for both; a task supplies
 
 - ``build_model()``: the network (before DDP wrapping);
-- ``train_batches(shard)``: a Ray Data shard -> model-ready batches (semantic: stacked tensors
-  from ``iter_torch_batches``; instance: ``iter_batches`` + a detection collate giving lists of
-  image tensors and target dicts, augmented jointly);
+- ``train_batches(shard, epoch)``: a Ray Data shard -> model-ready batches (semantic: stacked
+  tensors, through a seeded local shuffle buffer with ``data.shuffle: buffer``; instance: a
+  detection collate giving lists of image tensors and target dicts, augmented jointly);
 - ``loss(model, batch)``: the training loss, its number of images and named parts;
 - ``validate(model, shard, part)``: the validation metrics, reduced over all workers (semantic:
   ``all_reduce`` of a confusion matrix and loss sums; instance: ``all_gather_object`` of
@@ -64,18 +64,38 @@ class SemanticTask:
         self.mean = torch.tensor(band_stats["mean"], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(band_stats["std"], device=device).view(1, -1, 1, 1)
         self.loss_fn = build_loss(job.loss, job.model.num_classes, job.data.ignore_index).to(device)
-        self.dtypes = {"image": torch.float32, "mask": torch.int64}
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.job.model, _storage_options(self.job))
 
-    def _batches(self, shard, drop_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in shard.iter_torch_batches(batch_size=self.job.train.batch_size, dtypes=self.dtypes,
-                                              device=self.device, drop_last=drop_last):
-            yield (batch["image"] - self.mean) / self.std, batch["mask"]
+    def _tensors(self, images, masks) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(np.stack(list(images)), dtype=torch.float32).to(self.device, non_blocking=True)
+        y = torch.as_tensor(np.stack(list(masks)), dtype=torch.int64).to(self.device, non_blocking=True)
+        return (x - self.mean) / self.std, y
 
-    def train_batches(self, shard) -> Iterable:
-        return self._batches(shard, drop_last=True)  # BatchNorm needs > 1
+    def train_batches(self, shard, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Equal-shape batches (crops or resizes make them so); drop_last, as BatchNorm needs > 1."""
+        data = self.job.data
+        shuffle = {}
+        if data.shuffle == "buffer":  # block order is randomised upstream; rows mix here
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
+            shuffle = {"local_shuffle_buffer_size": data.shuffle_buffer_size,
+                       "local_shuffle_seed": int(np.random.SeedSequence([self.job.train.seed, epoch, rank])
+                                                 .generate_state(1)[0])}
+        for batch in shard.iter_batches(batch_size=self.job.train.batch_size, batch_format="numpy",
+                                        drop_last=True, **shuffle):
+            yield self._tensors(batch["image"], batch["mask"])
+
+    def val_batches(self, shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Whole images of any size: each batch is split into runs of one shape."""
+        for batch in shard.iter_batches(batch_size=self.job.train.batch_size, batch_format="numpy"):
+            groups: dict[tuple, list[int]] = {}
+            for i, image in enumerate(batch["image"]):
+                groups.setdefault(np.shape(image), []).append(i)
+            for idx in groups.values():
+                yield self._tensors([batch["image"][i] for i in idx], [batch["mask"][i] for i in idx])
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int, dict[str, float]]:
         x, y = batch
@@ -87,7 +107,7 @@ class SemanticTask:
         meter = SegmentationMeter(self.job.model.num_classes, ignore_index=self.job.data.ignore_index)
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for x, y in take_part(self._batches(shard, drop_last=False), part) if shard is not None else []:
+            for x, y in take_part(self.val_batches(shard), part) if shard is not None else []:
                 with torch.autocast(self.device.type, enabled=self.use_amp):
                     logits = model(x).float()
                 sums[0] += self.loss_fn(logits, y).item() * len(y)
@@ -157,8 +177,8 @@ class InstanceTask:
             targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
             yield images, targets, meta
 
-    def train_batches(self, shard) -> Iterable:
-        return self._batches(shard, self.train_collate)
+    def train_batches(self, shard, epoch: int) -> Iterable:
+        return self._batches(shard, self.train_collate)  # shuffled upstream, anew every epoch
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int, dict[str, float]]:
         images, targets, _ = batch

@@ -1,10 +1,11 @@
-"""Driver side of training: datasets, TorchTrainer, best checkpoint, curves."""
+"""Driver side of training: datasets, TorchTrainer, best checkpoint, test set, curves."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from segray.config import TrainJobConfig
 from segray.io.fs import join, pyarrow_fs
@@ -22,18 +23,37 @@ class TrainResult:
     best_metrics: dict[str, float]
     history: list[dict[str, float]]
     curves_png: str | None
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # data.test_source, best checkpoint
+    class_weights: list[float] | None = None  # as trained (resolved when loss.class_weights is 'auto')
 
 
-def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, category_ids: list[int] | None = None):
+def loop_plan(job: TrainJobConfig, num_train: int) -> dict[str, int]:
+    """Batches per worker and epoch, and optimizer steps in the run (the poly schedule's horizon).
+
+    Ray Train splits the training set equally (``streaming_split(equal=True)``): each worker gets
+    ``num_train // num_workers`` rows and drops its last partial batch.
+    """
+    t = job.train
+    batches = (num_train // t.num_workers) // t.batch_size
+    return {"batches_per_epoch": batches,
+            "total_steps": max(1, t.epochs * math.ceil(batches / t.accumulate_grad_batches))}
+
+
+def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, plan: dict,
+                  category_ids: list[int] | None = None, loop: Callable = train_loop_per_worker):
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from segray.data.datasets import restart_epoch_count
+
     t = job.train
     fs, storage_path = pyarrow_fs(t.storage_path, job.data.storage)
+    restart_epoch_count(datasets["train"])
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"job": job.model_dump(mode="json"), "band_stats": band_stats, "has_val": "val" in datasets,
-                           "category_ids": category_ids, "val_whole": True},
+                           "category_ids": category_ids, "val_whole": True, "plan": plan},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -50,7 +70,9 @@ def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, categor
             worker_runtime_env=model_runtime_env(),  # allocator settings (segray.runtime)
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # see loop.py: validation is read whole
+        # Validation is read whole (see loop.py). preserve_order: the seeded shuffle then reaches
+        # the same worker in the same order in every run, and every worker reads validation alike.
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 
@@ -60,22 +82,45 @@ def _url(storage_root: str, fs_path: str) -> str:
     return fs_path if not scheme or fs_path.startswith(scheme) else scheme + fs_path
 
 
+def resolve_class_weights(job: TrainJobConfig, decoded) -> TrainJobConfig:
+    """``loss.class_weights: auto`` -> median-frequency weights of the training labels."""
+    from segray.core.losses import resolve_class_weights as weights_for
+    from segray.data.datasets import class_frequencies
+
+    if job.loss.class_weights != "auto":
+        return job
+    k = max(job.model.num_classes, 2)
+    pixels, image_pixels = class_frequencies(decoded, k, job.data.ignore_index)
+    weights = weights_for(job.loss, job.model.num_classes, pixels, image_pixels)
+    log.info("class weights (median frequency): %s", weights)
+    return job.model_copy(update={"loss": job.loss.model_copy(update={"class_weights": weights})})
+
+
+def evaluate_test_set(job: TrainJobConfig, checkpoint: str, run_path: str) -> dict[str, Any]:
+    """The best checkpoint on ``data.test_source``, through the inference pipeline (whole images,
+    exactly as ``segray infer`` will see them); predictions land in ``<run>/test``."""
+    from segray.config import InferJobConfig
+    from segray.infer.pipeline import run_inference
+
+    cfg = InferJobConfig(source=job.data.test_source, checkpoint=checkpoint, output=join(run_path, "test"),
+                         overwrite=True, storage=job.data.storage)
+    return run_inference(cfg)
+
+
 def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainResult:
     import ray
 
     from segray.data.datasets import build_datasets
-    from segray.data.instance_datasets import build_instance_datasets
     from segray.train.plots import plot_curves
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    category_ids = None
-    if job.task == "instance":  # COCO category ids travel in the checkpoint, for COCO exports
-        train_ds, val_ds, stats, category_ids = build_instance_datasets(job.data, seed=job.train.seed)
-    else:
-        train_ds, val_ds, stats = build_datasets(job.data, seed=job.train.seed)
-    datasets = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
-    result = build_trainer(job, datasets, stats.to_dict(), category_ids).fit()
+    data = build_datasets(job.data, seed=job.train.seed)
+    if job.task == "semantic":
+        job = resolve_class_weights(job, data.decoded)
+    datasets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
+    plan = loop_plan(job, data.num_train)
+    result = build_trainer(job, datasets, data.band_stats.to_dict(), plan, data.category_ids).fit()
     if result.error:
         raise result.error
 
@@ -85,22 +130,40 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     run_path = _url(job.train.storage_path, result.path)
     curves = curves_path or join(run_path, "curves.png")
     plot_curves(history, curves, metric=job.train.metric, storage=job.data.storage)
+    best_url = _url(job.train.storage_path, best.path)
+    test = evaluate_test_set(job, best_url, run_path) if job.data.test_source is not None else {}
     return TrainResult(
         run_path=run_path,
-        best_checkpoint=_url(job.train.storage_path, best.path),
+        best_checkpoint=best_url,
         latest_checkpoint=_url(job.train.storage_path, result.checkpoint.path),
         best_metrics={k: v for k, v in best_metrics.items() if isinstance(v, (int, float))},
         history=history,
         curves_png=curves,
+        test_metrics=test,
+        class_weights=job.loss.class_weights if isinstance(job.loss.class_weights, list) else None,
     )
 
 
 def summary_rows(result: TrainResult, class_names: list[str]) -> list[tuple[str, Any]]:
+    """The end-of-training table: which split and checkpoint the figures are from, per-class IoU,
+    the samples each worker saw per epoch, and the test set when one was given."""
     m = result.best_metrics
-    rows = [("epochs run", len(result.history))]
-    rows += [(k, m[k]) for k in ("epoch", "val_miou", "val_pixel_accuracy", "val_mean_class_accuracy",
+    rows: list[tuple[str, Any]] = [("epochs run", len(result.history)),
+                                   ("metrics of", f"best checkpoint (epoch {m.get('epoch', '?')}), validation split")]
+    rows += [(k, m[k]) for k in ("val_miou", "val_pixel_accuracy", "val_mean_class_accuracy",
                                  "val_fwiou", "val_mean_dice", "val_segm_ap", "val_segm_ap50", "val_segm_ap75",
                                  "val_segm_ar", "val_bbox_ap", "val_bbox_ap50", "val_bbox_ap75", "val_bbox_ar",
-                                 "val_loss", "train_loss") if k in m]
+                                 "val_loss", "train_loss", "train_step_s") if k in m]
     rows += [(f"IoU {c}", m[f"val_iou/{c}"]) for c in class_names if f"val_iou/{c}" in m]
+    last = result.history[-1] if result.history else {}
+    workers = sorted(k for k in last if k.startswith("train_samples/w"))
+    if workers:
+        rows.append(("samples per epoch per worker", [int(last[k]) for k in workers]))
+    if result.class_weights is not None:
+        rows.append(("class weights", [round(w, 3) for w in result.class_weights]))
+    t = result.test_metrics
+    if t:
+        rows.append(("test images (ok / all)", f"{t.get('num_ok')} / {t.get('num_inputs')}"))
+        rows += [(f"test_{k}", t[k]) for k in ("miou", "pixel_accuracy", "mean_dice") if k in t]
+        rows += [(f"test IoU {c}", t[f"iou/{c}"]) for c in class_names if f"iou/{c}" in t]
     return rows

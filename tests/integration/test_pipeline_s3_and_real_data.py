@@ -94,4 +94,4 @@ def test_real_loveda_and_potsdam_tiles(tmp_path, shared_data, ray_local):
             assert all(v is None or np.isnan(v) or 0 <= v <= 1 for v in r["iou"])
     # The checkpoint records what inference needs to reproduce training's preprocessing.
     payload = torch.load(f"{result.best_checkpoint}/{FILENAME}", weights_only=True)
-    assert payload["ignore_index"] == 0 and payload["image_size"] == 128 and len(payload["band_stats"]["std"]) == 3
+    assert payload["ignore_index"] == 0 and payload["image_size"] == [128, 128] and len(payload["band_stats"]["std"]) == 3

@@ -123,7 +123,7 @@ def test_config_inside_the_working_dir_or_a_url_is_passed_by_name(tmp_path):
     sub = prepare("train", str(tmp_path / "runs" / "t.yaml"), working_dir=tmp_path, today=DAY)
     assert CONFIG_ENV in sub.runtime_env["env_vars"]
     # Local paths in the config are flagged: every node must see them.
-    assert any("data.source.images=segray-demo/data/images" in w for w in sub.warnings)
+    assert any("data.source.images=segray-demo/data/train/images" in w for w in sub.warnings)
 
 
 def test_image_mode_uploads_nothing_and_runs_the_installed_command(tmp_path):

@@ -1,5 +1,5 @@
 """Training that learns: per-epoch seeded shuffling through real Ray Train, separate validation
-sets, median-frequency class weights, crops on real tiles beating a constant-class baseline."""
+sets, median-frequency class weights, real tiles beating a constant-class baseline."""
 
 from __future__ import annotations
 
@@ -117,8 +117,8 @@ def test_class_weights_auto_equal_a_hand_computation(tmp_path, ray_local):
     assert expected[3] == 0.0 and resolved.loss.class_weights == pytest.approx(expected)
 
 
-def _loveda_tiles(shared: Path, root: Path) -> dict[str, str]:
-    """The 3 LoveDA tiles cut into 256 px tiles; every 4th of each tile held out for validation.
+def _loveda_tiles(shared: Path, root: Path, size: int = 128) -> dict[str, str]:
+    """The 3 LoveDA tiles cut into ``size`` px chips; every 4th of each tile held out for validation.
     Labels 1..7 become classes 0..6; 0 (nodata) becomes 255, ignored."""
     src = shared / "loveda_potsdam_vaihingen_mmseg" / "loveda"
     dirs = {k: root / k for k in ("train_img", "train_msk", "val_img", "val_msk")}
@@ -128,26 +128,30 @@ def _loveda_tiles(shared: Path, root: Path) -> dict[str, str]:
         image = np.asarray(Image.open(tile).convert("RGB"))
         label = np.asarray(Image.open(src / "ann_dir" / tile.name)).astype(np.int16) - 1
         label[label < 0] = 255
-        for k, (r, c) in enumerate((r, c) for r in range(0, 1024, 256) for c in range(0, 1024, 256)):
+        for k, (r, c) in enumerate((r, c) for r in range(0, 1024, size) for c in range(0, 1024, size)):
             split = "val" if k % 4 == 3 else "train"
-            name = f"{tile.stem}_{k:02d}.png"
-            Image.fromarray(image[r:r + 256, c:c + 256]).save(dirs[f"{split}_img"] / name)
-            Image.fromarray(label[r:r + 256, c:c + 256].astype(np.uint8)).save(dirs[f"{split}_msk"] / name)
+            name = f"{tile.stem}_{k:03d}.png"
+            Image.fromarray(image[r:r + size, c:c + size]).save(dirs[f"{split}_img"] / name)
+            Image.fromarray(label[r:r + size, c:c + size].astype(np.uint8)).save(dirs[f"{split}_msk"] / name)
     return {k: str(v) for k, v in dirs.items()}
 
 
-def test_crops_on_real_tiles_beat_a_constant_class_baseline(tmp_path, shared_data, ray_local):
+def test_real_tiles_beat_a_constant_class_baseline(tmp_path, shared_data, ray_local):
     d = _loveda_tiles(shared_data, tmp_path / "loveda")
     job = build_config(TrainJobConfig, {
         "data": {"source": {"images": d["train_img"], "masks": d["train_msk"]},
                  "val_source": {"images": d["val_img"], "masks": d["val_msk"]},
-                 "class_names": LOVEDA, "ignore_index": 255, "crop_size": 128, "scale_jitter": [0.75, 1.25]},
+                 "class_names": LOVEDA, "ignore_index": 255,
+                 "augment": {"hflip": 0.5, "vflip": 0.5, "rot90": 0, "rotate_degrees": 0, "brightness": 0,
+                             "contrast": 0}},
         "model": {"num_classes": 7, "depth": 3, "base_width": 16},
-        "optim": {"schedule": "poly", "lr": 0.003},
-        "train": {"epochs": 12, "batch_size": 4, "num_workers": 2, "patience": None,
+        "loss": {"terms": [{"name": "ce"}]},
+        "optim": {"schedule": "poly", "lr": 0.001},
+        "train": {"epochs": 10, "batch_size": 4, "num_workers": 2, "patience": None,
                   "storage_path": str(tmp_path / "runs"), "name": "loveda"},
     })
     result = run_training(job)
+    # Measured: 0.25-0.28 over 3 seeds (benchmarks/train_parity.py, the same setting) against 0.105.
     # The constant-class baseline: the training set's most frequent class everywhere.
     train_labels = np.concatenate([np.asarray(Image.open(p)).ravel() for p in Path(d["train_msk"]).iterdir()])
     majority = np.bincount(train_labels[train_labels != 255], minlength=7).argmax()
@@ -156,9 +160,9 @@ def test_crops_on_real_tiles_beat_a_constant_class_baseline(tmp_path, shared_dat
     inter = (val_labels == majority).sum()
     baseline = inter / val_labels.size / len(np.unique(val_labels))  # IoU of the majority class / classes present
     best = result.best_metrics["val_miou"]
-    # measured here: best 0.31 after 12 epochs against a baseline of 0.14
+    print(f"LoveDA chips: best val mIoU {best:.3f}, constant-class baseline {baseline:.3f}")
     assert best >= baseline + 0.08, (best, baseline)
-    assert result.history[-1]["train_samples/w0"] == result.history[-1]["train_samples/w1"] == 16
+    assert result.history[-1]["train_samples/w0"] == result.history[-1]["train_samples/w1"] == 72
 
 
 def test_buffer_shuffle_accumulation_poly_and_a_test_set(tmp_path, ray_local):

@@ -283,15 +283,13 @@ def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 def build_chip_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     """:class:`segray.data.datasets.TrainingData` of chips, shuffled and augmented as images are."""
-    import ray
-
-    from segray.data.datasets import TrainingData, in_order, train_plan, val_plan
+    from segray.data.datasets import TrainingData, ordered_items, train_plan, val_plan
 
     train_rows, val_rows = chip_rows(cfg, seed)
     data = cfg.model_dump(mode="json")
 
     def load(rows: list[dict]):
-        ds = in_order(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism))))
+        ds = ordered_items(rows, parallelism)
         return ds.map_batches(read_chips, fn_kwargs={"data": data}, batch_size=8, num_cpus=0.5).materialize()
 
     train_ds = load(train_rows)

@@ -72,10 +72,13 @@ def shuffled(ds, cfg: DataConfig, seed: int):
     return ds
 
 
-def in_order(ds):
-    """Keep the source order through this dataset's tasks (its own DataContext, shared by the
-    datasets derived from it): decoded blocks then come in the same order in every run, which a
-    seeded shuffle needs to give the same orders."""
+def ordered_items(rows: list[dict], parallelism: int = 8):
+    """``rows`` as a Ray Dataset that keeps their order through its tasks (its own DataContext,
+    shared by the datasets derived from it): decoded blocks then come in the same order in every
+    run, which a seeded shuffle needs to give the same orders."""
+    import ray
+
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism)))
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -136,8 +139,7 @@ def augment_batch(batch: dict[str, Any], data: dict) -> dict[str, Any]:
 
 def center_crop_batch(batch: dict[str, Any], crop_size: list[int], ignore_index: int | None) -> dict[str, Any]:
     pairs = [center_crop(im, m, tuple(crop_size), ignore_index) for im, m in zip(batch["image"], batch["mask"])]
-    return {"image": np.stack([p[0] for p in pairs]), "mask": np.stack([p[1] for p in pairs]),
-            "image_id": batch["image_id"]}
+    return _stack([p[0] for p in pairs], [p[1] for p in pairs], batch["image_id"], "data.val_crop")
 
 
 def label_histogram(batch: dict[str, Any], num_classes: int, ignore_index: int | None) -> dict[str, Any]:
@@ -181,12 +183,9 @@ def val_plan(val, cfg: DataConfig):
 
 def load_pairs(samples: list[Sample], cfg: DataConfig, parallelism: int = 8):
     """Decoded image/mask rows of ``samples``, materialised once."""
-    import ray
-
     rows = [{"image": s.image, "mask": s.mask, "image_id": s.image_id} for s in samples]
-    ds = in_order(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism))))
-    return ds.map_batches(decode_pairs, fn_kwargs={"data": cfg.model_dump(mode="json")},
-                          batch_size=8, num_cpus=0.5).materialize()
+    return ordered_items(rows, parallelism).map_batches(
+        decode_pairs, fn_kwargs={"data": cfg.model_dump(mode="json")}, batch_size=8, num_cpus=0.5).materialize()
 
 
 def paired_samples(source, cfg: DataConfig, what: str) -> list[Sample]:

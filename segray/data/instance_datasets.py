@@ -16,7 +16,7 @@ import numpy as np
 
 from segray.config import DataConfig
 from segray.core.transforms import BandStats, compute_band_stats
-from segray.data.datasets import STATS_SAMPLE, TrainingData, in_order, shuffled, split_samples
+from segray.data.datasets import STATS_SAMPLE, TrainingData, ordered_items, shuffled, split_samples
 from segray.infer.instance import category_ids_for, instance_items, read_decode_instances
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ def decode_instance_rows(batch: dict[str, Any], data: dict, category_labels: lis
 def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     """:class:`TrainingData`; ``category_ids[label]`` is the COCO category id of each class (the
     label itself without a COCO file)."""
-    import ray
-
     items, cat_labels, coco = instance_items(cfg.source, cfg.storage, cfg.class_names, cfg.coco_json,
                                              cfg.class_masks, cfg.source.mask_suffix)
     if cfg.format == "coco":
@@ -64,7 +62,7 @@ def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     train_items, val_items = split_samples(items, cfg.val_fraction, seed)  # type: ignore[arg-type]
 
     def load(rows: list[dict]):
-        ds = in_order(ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), parallelism))))
+        ds = ordered_items(rows, parallelism)
         return ds.map_batches(
             decode_instance_rows,
             fn_kwargs={"data": cfg.model_dump(mode="json"),

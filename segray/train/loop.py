@@ -127,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     task = make_task(job, band_stats, device, use_amp)
 
     model = task.build_model()
-    if getattr(job.model, "sync_batch_norm", False) and world > 1:
+    if job.model.sync_batch_norm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = build_optimizer(job.optim, model.parameters())
     state = _resume(model, opt)
@@ -171,7 +171,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
                                **{k2: state[k2] for k2 in ("epoch", "step", "best", "bad_epochs", "history")}}
                 payload = make_payload(
                     model, job.model.model_dump(mode="json"), job.data.class_names, band_stats, task=task.name,
-                    ignore_index=job.data.ignore_index, bands=job.data.bands, image_size=list(job.data.image_size) if job.data.image_size else None,
+                    ignore_index=job.data.ignore_index, bands=job.data.bands,
+                    image_size=list(job.data.image_size) if job.data.image_size else None,
                     metrics=metrics, train_state=train_state,
                 )
                 if config.get("category_ids") is not None:

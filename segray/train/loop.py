@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -46,21 +47,57 @@ def _resume(model, opt) -> dict[str, Any]:
     return state
 
 
-def _train_epoch(job: TrainJobConfig, task, model, opt, scaler, state: dict, epoch: int, plan: dict) -> dict:
+class _NextEpoch:
+    """Starts an epoch's batches in the background and holds its first batch.
+
+    Ray Data restarts the shard's plan for every epoch (a new execution, the global shuffle's
+    barrier), a fixed ~0.5 s here before the first batch. Started as soon as the previous epoch's
+    training ends, that wait overlaps validation and the checkpoint, as a DataLoader's persistent
+    workers would. The shard is split in a coordinator actor with its own copy of the dataset, so
+    starting early does not change the seeded orders. A run that stops early leaves it unread; the
+    thread is a daemon and ends with the worker.
+    """
+
+    def __init__(self, task, epoch: int):
+        import ray.train
+
+        self.batches = iter(task.train_batches(ray.train.get_dataset_shard("train"), epoch))
+        self.first: list = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fetch, daemon=True, name=f"segray-epoch-{epoch}")
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self.first = [next(self.batches)]
+        except StopIteration:
+            pass
+        except BaseException as e:  # raised again in the training thread, where it belongs
+            self.error = e
+
+    def __iter__(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return itertools.chain(self.first, self.batches)
+
+
+def _train_epoch(job: TrainJobConfig, task, model, opt, scaler, state: dict, epoch: int, plan: dict,
+                 batches: _NextEpoch) -> dict:
     """One pass over this worker's shard; returns summed loss parts, its sample count and step time.
 
     With ``accumulate_grad_batches = N`` the optimizer steps after every N batches (and after the
     epoch's last one); DDP synchronises gradients only on those batches (``no_sync`` elsewhere).
     Every worker gets the same number of batches (the shard split is equal), so they agree on it.
     """
-    import ray.train
-
     t, accum = job.train, job.train.accumulate_grad_batches
     use_amp = scaler.is_enabled()
     params = [p for p in model.parameters() if p.requires_grad]
     sums: dict[str, float] = {"loss": 0.0, "n": 0.0}
     lr, steps, started, waited = job.optim.lr, 0, time.perf_counter(), 0.0
-    batches = iter(task.train_batches(ray.train.get_dataset_shard("train"), epoch))
+    t0 = time.perf_counter()
+    batches = iter(batches)
+    waited += time.perf_counter() - t0
     for i in itertools.count():
         t0 = time.perf_counter()
         batch = next(batches, None)
@@ -134,9 +171,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     model = ray.train.torch.prepare_model(model)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
+    upcoming = _NextEpoch(task, state["epoch"]) if state["epoch"] < t.epochs else None
     for epoch in range(state["epoch"], t.epochs):
         model.train()
-        done = _train_epoch(job, task, model, opt, scaler, state, epoch, config["plan"])
+        done = _train_epoch(job, task, model, opt, scaler, state, epoch, config["plan"], upcoming)
+        upcoming = _NextEpoch(task, epoch + 1) if epoch + 1 < t.epochs else None
         metrics = _epoch_metrics(epoch, done, rank, world)
 
         model.eval()

@@ -43,10 +43,10 @@ from rich.table import Table
 from segray.config import DemoJobConfig, InferJobConfig, ModelConfig, SourceConfig
 from segray.core import masks
 from segray.core.checkpoint import make_payload, save_payload
-from segray.core.demo import DEMO_CLASSES, make_scene
 from segray.core.metrics import metric_num_classes
 from segray.core.models import build_model
-from segray.infer.steps import OUTPUT_SCHEMA, read_checkpoint
+from segray.demo.scenes import DEMO_CLASSES, make_scene
+from segray.infer.steps import OUTPUT_SCHEMA, open_checkpoint
 from segray.io.fs import list_samples
 from segray.io.images import decode_image
 from segray.runtime import keep_freed_memory
@@ -215,14 +215,12 @@ def _sync(device: torch.device) -> None:
 
 
 def load_model(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, dict]:
-    payload, _ = read_checkpoint(str(ckpt))
-    cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None})
-    model = build_model(cfg)
-    model.load_state_dict(payload["model_state"])
+    checkpoint = open_checkpoint(str(ckpt))
+    model = build_model(checkpoint.model())
+    model.load_state_dict(checkpoint.model_state)
     model = model.to(device).eval()
-    mean = torch.tensor(payload["band_stats"]["mean"]).view(-1, 1, 1)
-    std = torch.tensor(payload["band_stats"]["std"]).view(-1, 1, 1)
-    return model, mean, std, payload
+    mean, std = checkpoint.normalization()
+    return model, mean, std, checkpoint.to_payload()
 
 
 @torch.inference_mode()

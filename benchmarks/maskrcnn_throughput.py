@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from segray.config import InferJobConfig, ModelConfig, SourceConfig
-from segray.core.demo_instances import INSTANCE_DEMO_CLASSES, make_instance_scene
+from segray.demo.instance_scenes import INSTANCE_DEMO_CLASSES, make_instance_scene
 from segray.infer.instance import InstancePredictor
 from segray.io.fs import list_samples
 from segray.io.images import decode_image

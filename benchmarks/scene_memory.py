@@ -100,7 +100,7 @@ def make_scene(workdir: Path, size: int) -> str:
     if not path.exists():
         t0 = time.perf_counter()
         tmp = workdir / f"scene_{size}.partial.tif"
-        code = ("import sys; from segray.io.raster import make_test_cog; "
+        code = ("import sys; from segray.testing.raster import make_test_cog; "
                 "make_test_cog(sys.argv[1], int(sys.argv[2]), int(sys.argv[2]), 4, 'uint16', blocksize=512)")
         subprocess.run([sys.executable, "-c", code, str(tmp), str(size)], check=True)
         tmp.rename(path)
@@ -115,7 +115,7 @@ def make_checkpoint(workdir: Path, depth: int, base_width: int, calibrated: bool
     the scene (the pattern's 16-px patches) and the polygon path is exercised too."""
     import torch
 
-    from segray.io.raster import scene_pattern
+    from segray.testing.raster import scene_pattern
 
     from segray.config import ModelConfig
     from segray.core.checkpoint import make_payload, save_payload

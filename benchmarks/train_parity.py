@@ -15,7 +15,7 @@ same images, a separate folder pair (``data.val_source``).
 Two datasets, written as PNG folder pairs (``images/``, ``masks/``) whose file names come in a
 sequential order, so that a way that does not shuffle would train on sorted data:
 
-* demo   ``segray.core.demo.write_demo_dataset`` scenes (train: seed 0; val: seed 1)
+* demo   ``segray.demo.scenes.write_demo_dataset`` scenes (train: seed 0; val: seed 1)
 * real   the 3 LoveDA tiles of ``<shared-data>/loveda_potsdam_vaihingen_mmseg`` (1024x1024 RGB),
          cut into chips named ``tileA_0000.png ...`` (grouped by tile); every 4th chip of each
          tile is validation. LoveDA label 0 (nodata) -> ignore 255, labels 1..7 -> classes 0..6
@@ -54,8 +54,8 @@ from rich.console import Console
 from rich.table import Table
 
 from segray.config import ModelConfig
-from segray.core.demo import write_demo_dataset
 from segray.core.models import build_model
+from segray.demo.scenes import write_demo_dataset
 from segray.runtime import keep_freed_memory
 
 console = Console() if sys.stdout.isatty() else Console(width=132)

@@ -1,11 +1,12 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/infer.py configs/<x>.yaml [--set k=v ...]`.
 
+The job is registered in segray/jobs.py (JOBS["infer"]); `segray submit infer` runs this file.
 Inside a Ray job RAY_ADDRESS is set, so segray joins the cluster instead of starting Ray.
 """
 
 import sys
 
-from segray.cli import app
+from segray.cli import run_job
 
 if __name__ == "__main__":
-    app(["infer", *sys.argv[1:]])
+    run_job("infer", sys.argv[1:])

@@ -2,12 +2,14 @@
 
 The nightly incremental archive run (segray/infer/nightly.py): only new or changed images,
 into <output>/run_date=YYYY-MM-DD/, committed by a _SUCCESS record written last.
+
+The job is registered in segray/jobs.py (JOBS["nightly"]); `segray submit nightly` runs this file.
 Inside a Ray job RAY_ADDRESS is set, so segray joins the cluster instead of starting Ray.
 """
 
 import sys
 
-from segray.cli import app
+from segray.cli import run_job
 
 if __name__ == "__main__":
-    app(["nightly", *sys.argv[1:]])
+    run_job("nightly", sys.argv[1:])

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import os
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from segray.config import (
-    ConfigError,
-    DemoJobConfig,
-    InferJobConfig,
-    SceneInferJobConfig,
-    TrainJobConfig,
-    build_config,
-    dump_config,
-    load_config,
-)
-from segray.report import console, infer_rows, print_table
+from segray.config import ConfigError, DemoJobConfig, build_config, dump_config, load_config, parse_overrides
+from segray.jobs import JOBS, init_ray
+from segray.report import console, print_table
 
 app = typer.Typer(
     help="segray: image segmentation at scale with Ray Train and Ray Data.\n\n"
@@ -57,13 +48,29 @@ def _job(cls, config, set_, print_config: bool):
     return job
 
 
-def _init_ray() -> None:
-    import ray
+def _run_job(name: str, config: str, set_: list[str] | None, print_config: bool) -> None:
+    """The job ``name`` of segray.jobs.JOBS: validate its config, then run it (Ray joined or started)."""
+    spec = JOBS[name]
+    job = _job(spec.config_cls, config, set_, print_config)
+    _run(lambda: spec.run(job))
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) joins the cluster; otherwise a local Ray starts.
-        ray.init(log_to_driver=os.environ.get("SEGRAY_RAY_LOGS") == "1")
-    logging.getLogger("ray").setLevel(logging.WARNING)
+
+def run_job(name: str, argv: list[str]) -> None:
+    """What the entrypoint ``jobs/<x>.py`` does: ``segray <command> CONFIG [--set k=v ...]`` for the
+    job ``name`` of segray.jobs.JOBS, after refusing a config that job does not run (exit 2).
+
+    Inside a Ray job RAY_ADDRESS is set, so the job joins the cluster instead of starting Ray.
+    """
+    spec = JOBS[name]
+    if spec.task and argv and not argv[0].startswith("-"):
+        overrides = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
+        try:
+            parse_overrides(overrides)
+            spec.check(load_config(spec.config_cls, argv[0], overrides))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    app([spec.command, *argv])
 
 
 @app.command()
@@ -77,13 +84,7 @@ def train(
     Semantic models (U-Net, FCN, DeepLabV3) on class maps, or Mask R-CNN on instances
     (data.format instance_masks or coco).
     """
-    job = _job(TrainJobConfig, config, set_, print_config)
-    from segray.train.trainer import run_training, summary_rows
-
-    _init_ray()
-    result = _run(lambda: run_training(job))
-    print_table("training summary", summary_rows(result, job.data.class_names) + [
-        ("best checkpoint", result.best_checkpoint), ("curves", result.curves_png), ("run", result.run_path)])
+    _run_job("train", config, set_, print_config)
 
 
 @app.command()
@@ -93,12 +94,7 @@ def infer(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Segment a collection with Ray Data; writes predictions/ (Parquet) and summary.parquet."""
-    job = _job(InferJobConfig, config, set_, print_config)
-    from segray.infer.pipeline import run_inference
-
-    _init_ray()
-    summary = _run(lambda: run_inference(job))
-    print_table("inference summary", infer_rows(summary))
+    _run_job("infer", config, set_, print_config)
 
 
 @app.command("segment-scenes")
@@ -112,12 +108,7 @@ def segment_scenes(
     Writes masks/ (COG per scene), scenes.parquet, polygons.parquet (GeoParquet), summary.parquet
     and, if asked, probabilities/ and tiles.parquet.
     """
-    job = _job(SceneInferJobConfig, config, set_, print_config)
-    from segray.infer.scenes import run_scenes, summary_rows
-
-    _init_ray()
-    summary = _run(lambda: run_scenes(job))
-    print_table("scene segmentation summary", summary_rows(summary))
+    _run_job("segment-scenes", config, set_, print_config)
 
 
 @app.command()
@@ -135,7 +126,7 @@ def demo(
     cfg = _load(DemoJobConfig, config, set_)
     from segray.demo import run_demo
 
-    _init_ray()
+    init_ray()
     _run(lambda: run_demo(cfg))
 
 
@@ -171,14 +162,7 @@ def nightly(
     commits it with a _SUCCESS record written last. Rerunning a night is safe: a committed
     night is a no-op (rebuild=true recomputes it), an uncommitted one is redone.
     """
-    from segray.config import NightlyJobConfig
-
-    job = _job(NightlyJobConfig, config, set_, print_config)
-    from segray.infer.nightly import run_nightly, summary_rows
-
-    _init_ray()
-    summary = _run(lambda: run_nightly(job))
-    print_table("nightly run", summary_rows(summary))
+    _run_job("nightly", config, set_, print_config)
 
 
 def _jobs_address(address: Optional[str]) -> str:
@@ -203,7 +187,7 @@ ADDRESS_HELP = "Ray Jobs API (dashboard) address, e.g. http://HOST:8265; default
 
 @app.command()
 def submit(
-    job: str = typer.Argument(..., help="train | train-instance | infer | segment-scenes | nightly"),
+    job: str = typer.Argument(..., help="; ".join(f"{name} = {spec.description}" for name, spec in JOBS.items())),
     config: str = typer.Argument(..., help="YAML config (local path or fsspec URL); validated here first."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
@@ -232,7 +216,7 @@ def submit(
     """
     import json
 
-    from segray.submit import ClusterError, exit_code, follow, prepare, status_of
+    from segray.submit import ClusterError, prepare
     from segray.submit import submit as submit_job
 
     sub = _run(lambda: prepare(job, config, set_, working_dir=working_dir, image=image, pip=pip, env=env,
@@ -255,6 +239,13 @@ def submit(
     if no_wait:
         console.print(f"follow: segray jobs logs {sid} --follow;  stop: segray jobs stop {sid}")
         return
+    _follow_to_the_end(client, sid)
+
+
+def _follow_to_the_end(client, sid: str) -> None:
+    """Follow the job's logs; exit with its result (Ctrl-C detaches, the job keeps running)."""
+    from segray.submit import exit_code, follow, status_of
+
     try:
         info = follow(client, sid, console)
     except KeyboardInterrupt:
@@ -361,15 +352,12 @@ def jobs_stop(
 
 @app.command("show-config")
 def show_config(
-    job: str = typer.Argument(..., help="train | train-instance | infer | demo | segment-scenes | nightly"),
+    job: str = typer.Argument(..., help=" | ".join([*JOBS, "demo"])),
     config: Optional[Path] = typer.Argument(None, help="YAML config to resolve (optional for demo)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Validate a config and print it with every default filled in."""
-    from segray.config import NightlyJobConfig
-
-    classes = {"train": TrainJobConfig, "train-instance": TrainJobConfig, "infer": InferJobConfig,
-               "demo": DemoJobConfig, "segment-scenes": SceneInferJobConfig, "nightly": NightlyJobConfig}
+    classes = {**{name: spec.config_cls for name, spec in JOBS.items()}, "demo": DemoJobConfig}
     if job not in classes:
         console.print(f"[bold red]error:[/] job must be one of {', '.join(classes)}")
         raise typer.Exit(2)
@@ -380,4 +368,4 @@ def main() -> None:  # pragma: no cover - console script
     app()
 
 
-__all__ = ["app", "build_config"]
+__all__ = ["app", "build_config", "run_job"]

@@ -1,6 +1,7 @@
 """Submit segray jobs to a Ray cluster through the Ray Jobs API (``segray submit``, ``segray jobs``).
 
-What ``ray job submit --working-dir . -- python jobs/<x>.py <config>`` does, plus:
+What ``ray job submit --working-dir . -- python jobs/<x>.py <config>`` does (the jobs, their
+config classes and scripts: :data:`segray.jobs.JOBS`), plus:
 
 - the config is validated here first, so a bad field fails before any network call;
 - a stable submission id (``segray-<job>-<YYYYMMDD>-<hash of job + resolved config>``, or
@@ -33,16 +34,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from segray.config import (
-    ENV_PREFIX,
-    ConfigError,
-    InferJobConfig,
-    NightlyJobConfig,
-    SceneInferJobConfig,
-    TrainJobConfig,
-    dump_config,
-    load_config,
-)
+from segray.config import ENV_PREFIX, ConfigError, NightlyJobConfig, dump_config, load_config
+from segray.jobs import JOBS
 
 CONFIG_ENV = "SEGRAY_JOB_CONFIG"
 # Never uploaded (gitignore-style patterns, relative to the working dir); .gitignore and
@@ -54,26 +47,6 @@ DEFAULT_EXCLUDES = [
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
-
-@dataclass(frozen=True)
-class JobSpec:
-    script: str  # under the working dir
-    command: str  # the `segray` command (--image mode)
-    config_cls: type[BaseModel]
-    task: Optional[str] = None  # required TrainJobConfig.task
-    fallback_script: Optional[str] = None
-
-
-JOBS: dict[str, JobSpec] = {
-    "train": JobSpec("jobs/train.py", "train", TrainJobConfig),
-    # Instance training is TrainJobConfig with instance data; its own entrypoint when the
-    # checkout has one, else the generic one (which dispatches on data.format).
-    "train-instance": JobSpec("jobs/train_instance.py", "train", TrainJobConfig, task="instance",
-                              fallback_script="jobs/train.py"),
-    "infer": JobSpec("jobs/infer.py", "infer", InferJobConfig),
-    "segment-scenes": JobSpec("jobs/segment_scenes.py", "segment-scenes", SceneInferJobConfig),
-    "nightly": JobSpec("jobs/nightly.py", "nightly", NightlyJobConfig),
-}
 
 # Config fields holding paths that every node of a cluster must be able to open.
 _PATH_FIELDS = {"images", "masks", "glob", "manifest", "checkpoint", "output", "storage_path", "weights",
@@ -168,6 +141,43 @@ def stable_id(job: str, cfg: BaseModel, day: dt.date) -> str:
     return f"segray-{job}-{day:%Y%m%d}-{hashlib.sha256(content.encode()).hexdigest()[:10]}"
 
 
+def _command(spec, image: bool, working_dir: str | Path | None,
+             excludes: list[str]) -> tuple[Optional[Path], list[str], dict[str, Any]]:
+    """(the uploaded working dir or None, the entrypoint command, the runtime_env so far)."""
+    if image:  # the segray installed in the cluster's image; nothing uploaded
+        return None, ["segray", spec.command], {}
+    wd = Path(working_dir).resolve() if working_dir else default_working_dir()
+    if not wd.is_dir():
+        raise ConfigError(f"--working-dir {wd}: not a directory")
+    script = spec.script
+    if not (wd / script).is_file() and spec.fallback_script and (wd / spec.fallback_script).is_file():
+        script = spec.fallback_script
+    if not (wd / script).is_file():
+        raise ConfigError(f"{script} not found in the working dir {wd}")
+    return wd, ["python", script], {"working_dir": str(wd), "excludes": excludes}
+
+
+def _config_args(config: str, overrides: list[str], cfg, wd: Optional[Path], excludes: list[str],
+                 env_vars: dict[str, str]) -> list[str]:
+    """How the config reaches the job: a URL as is; a file inside the uploaded working dir by
+    its relative path; anything else resolved, in the job's environment (added to ``env_vars``)."""
+    rel: Optional[Path] = None
+    if wd is not None and not _is_url(config):
+        try:
+            rel = Path(config).resolve().relative_to(wd)
+        except ValueError:
+            rel = None
+        if rel is not None and _excluded(rel, excludes):
+            rel = None
+    sets = [a for o in overrides for a in ("--set", o)]
+    if _is_url(config) and not config.startswith(ENV_PREFIX):
+        return [config] + sets
+    if rel is not None:
+        return [rel.as_posix()] + sets
+    env_vars[CONFIG_ENV] = dump_config(cfg)
+    return [f"{ENV_PREFIX}{CONFIG_ENV}"]
+
+
 def prepare(
     job: str,
     config: str,
@@ -188,9 +198,7 @@ def prepare(
     spec = JOBS[job]
     overrides = list(overrides or [])
     cfg = load_config(spec.config_cls, config, overrides)
-    if spec.task and getattr(cfg, "task", None) != spec.task:
-        raise ConfigError(f"data.format: job {job!r} needs {spec.task} data (the config's task is "
-                          f"{getattr(cfg, 'task', None)!r})")
+    spec.check(cfg)
     today = today or dt.datetime.now(dt.timezone.utc).date()
     if isinstance(cfg, NightlyJobConfig) and cfg.run_date is None:
         # Pin the night at submission: a retry after midnight still completes the same night,
@@ -200,39 +208,8 @@ def prepare(
 
     all_excludes = DEFAULT_EXCLUDES + list(excludes or [])
     env_vars = {"PYTHONUNBUFFERED": "1", **_env_vars(list(env or []), env_from_local)}
-    runtime_env: dict[str, Any] = {}
-    wd: Optional[Path] = None
-    if not image:
-        wd = Path(working_dir).resolve() if working_dir else default_working_dir()
-        if not wd.is_dir():
-            raise ConfigError(f"--working-dir {wd}: not a directory")
-        script = spec.script
-        if not (wd / script).is_file() and spec.fallback_script and (wd / spec.fallback_script).is_file():
-            script = spec.fallback_script
-        if not (wd / script).is_file():
-            raise ConfigError(f"{script} not found in the working dir {wd}")
-        runtime_env.update(working_dir=str(wd), excludes=all_excludes)
-        command = ["python", script]
-    else:
-        command = ["segray", spec.command]
-
-    # How the config reaches the job: a URL as is; a file inside the uploaded working dir by
-    # its relative path; anything else resolved, in the job's environment.
-    rel: Optional[Path] = None
-    if wd is not None and not _is_url(config):
-        try:
-            rel = Path(config).resolve().relative_to(wd)
-        except ValueError:
-            rel = None
-        if rel is not None and _excluded(rel, all_excludes):
-            rel = None
-    if _is_url(config) and not config.startswith(ENV_PREFIX):
-        args = [config] + [a for o in overrides for a in ("--set", o)]
-    elif rel is not None:
-        args = [rel.as_posix()] + [a for o in overrides for a in ("--set", o)]
-    else:
-        env_vars[CONFIG_ENV] = dump_config(cfg)
-        args = [f"{ENV_PREFIX}{CONFIG_ENV}"]
+    wd, command, runtime_env = _command(spec, image, working_dir, all_excludes)
+    args = _config_args(config, overrides, cfg, wd, all_excludes, env_vars)
     runtime_env["env_vars"] = env_vars
     if pip:
         runtime_env["pip"] = list(pip)

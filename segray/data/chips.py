@@ -164,7 +164,7 @@ def read_chips(batch: dict[str, Any], data: dict) -> dict[str, Any]:
 
     Chips with fewer labelled pixels than ``chips.min_valid_fraction`` are dropped.
     """
-    from segray.infer.scene_steps import limit_gdal_cache, remap_labels
+    from segray.io.raster import limit_gdal_cache, remap_labels
     from segray.io.raster import gdal_env, read_window
 
     limit_gdal_cache(64)  # GDAL's default cache (5% of RAM) would grow with every window read
@@ -231,7 +231,7 @@ def _labels(cfg: DataConfig, samples: list[Sample]) -> list[tuple[str, str]]:
 
 def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Driver side: headers -> (train rows, val rows) of chip windows; validates bands and nodata."""
-    from segray.infer.scenes import read_headers
+    from segray.io.raster import read_headers
     from segray.io.raster import gdal_env
 
     chips = cfg.chips
@@ -282,8 +282,8 @@ def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def build_chip_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
-    """:class:`segray.data.datasets.TrainingData` of chips, shuffled and augmented as images are."""
-    from segray.data.datasets import TrainingData, ordered_items, train_plan, val_plan
+    """:class:`segray.data.plans.TrainingData` of chips, shuffled and augmented as images are."""
+    from segray.data.plans import TrainingData, ordered_items, train_plan, val_plan
 
     train_rows, val_rows = chip_rows(cfg, seed)
     data = cfg.model_dump(mode="json")

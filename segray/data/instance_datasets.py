@@ -16,8 +16,9 @@ import numpy as np
 
 from segray.config import DataConfig
 from segray.core.transforms import BandStats, compute_band_stats
-from segray.data.datasets import STATS_SAMPLE, TrainingData, ordered_items, shuffled, split_samples
-from segray.infer.instance import category_ids_for, instance_items, read_decode_instances
+from segray.data.plans import STATS_SAMPLE, TrainingData, ordered_items, shuffled, split_samples
+from segray.io.fs import list_samples
+from segray.io.instance_reads import category_ids_for, instance_items, read_decode_instances
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def decode_instance_rows(batch: dict[str, Any], data: dict, category_labels: lis
 def build_instance_datasets(cfg: DataConfig, seed: int, parallelism: int = 8):
     """:class:`TrainingData`; ``category_ids[label]`` is the COCO category id of each class (the
     label itself without a COCO file)."""
-    items, cat_labels, coco = instance_items(cfg.source, cfg.storage, cfg.class_names, cfg.coco_json,
-                                             cfg.class_masks, cfg.source.mask_suffix)
+    samples = list_samples(cfg.source, cfg.storage)
+    items, cat_labels, coco = instance_items(samples, cfg.storage, cfg.class_names, cfg.coco_json, cfg.class_masks,
+                                             cfg.source.mask_suffix)
     if cfg.format == "coco":
         labelled = [it for it in items if it["annotations"]]
         if not labelled:

@@ -1,9 +1,10 @@
 """Instance segmentation inference (Mask R-CNN checkpoints): read+decode -> predict -> encode -> Parquet.
 
-The semantic pipeline's ``read_decode`` and its bad-input rules are shared: an unreadable or
+The semantic pipeline's ``read_decode`` and its bad-input rules are shared
+(:mod:`segray.io.instance_reads` adds the ground truth): an unreadable or
 undecodable image, a wrong band count, an oversized image or broken ground truth becomes an
-error row (``status="error"`` and a reason), never a crashed job. ``pipeline.build_dataset``
-sends checkpoints whose payload says ``task: instance`` here.
+error row (``status="error"`` and a reason), never a crashed job. These are the instance
+family's parts (:mod:`segray.infer.families`), for checkpoints whose ``task`` is ``instance``.
 
 Output rows, one per input image (``INSTANCE_SCHEMA``):
 
@@ -46,27 +47,24 @@ splits), computed by pycocotools' COCOeval from the written Parquet.
 from __future__ import annotations
 
 import json
-import logging
-import math
-import posixpath
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from segray.config import ConfigError, InferJobConfig, SourceConfig, StorageOptions
-from segray.infer.steps import Predictor, _fetch, _reason, read_decode, same_shape_chunks
+from segray.config import InferJobConfig, StorageOptions
+from segray.infer.family import ImageStages
+from segray.infer.runs import PREDICTIONS, run_counts
+from segray.infer.steps import Predictor, same_shape_chunks
+from segray.io.instance_reads import category_ids_for, instance_items, read_decode_instances
 from segray.core import coco_eval
-from segray.core.instances import CocoIndex, Instances, encode_rles, instances_from_coco, instances_from_id_mask
-from segray.io.fs import get_fs, join, list_samples, pyarrow_fs, read_bytes
-from segray.io.images import decode_mask
-from segray.runtime import model_runtime_env
+from segray.core.checkpoint import Checkpoint
+from segray.core.instances import Instances, encode_rles
+from segray.io.fs import join, pyarrow_fs
 
-log = logging.getLogger(__name__)
 
-_NO_IMAGE = np.zeros((1, 1, 1), np.float32)
 PER_IMAGE_METRICS = ("segm_ap", "segm_ap50", "segm_ap75", "segm_ar", "bbox_ap", "bbox_ap50", "bbox_ap75", "bbox_ar")
 
 _RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
@@ -102,138 +100,6 @@ INSTANCE_SCHEMA = pa.schema(
     + [(k, pa.float64()) for k in PER_IMAGE_METRICS]
     + [("decode_ms", pa.float64()), ("predict_ms", pa.float64())]
 )
-
-
-# --------------------------------------------------------------------------- listing
-
-
-def _stem(url: str) -> str:
-    return posixpath.splitext(posixpath.basename(url.replace("\\", "/")))[0]
-
-
-def _class_mask_index(folder: str, storage: StorageOptions | None) -> dict[str, str]:
-    """{file stem: URL} of every file under ``folder``."""
-    fs, root = get_fs(folder, storage)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"class_masks folder not found: {folder}")
-    index: dict[str, str] = {}
-    for name in sorted(fs.find(root)):
-        if name.endswith("/"):
-            continue
-        url = name if "://" not in folder else f"{folder.split('://', 1)[0]}://{name}"
-        index.setdefault(_stem(name), url)
-    return index
-
-
-def category_ids_for(class_names: Sequence[str], coco: CocoIndex | None, default: Sequence[int] | None = None) -> list[int]:
-    """Label -> COCO category id: the file's category of the same name, else ``default``, else the label."""
-    by_name = {c["name"]: int(c["id"]) for c in (coco.categories if coco else [])}
-    out = []
-    for k, name in enumerate(class_names):
-        fallback = int(default[k]) if default is not None and k < len(default) else k
-        out.append(by_name.get(name, fallback) if k else 0)
-    return out
-
-
-def instance_items(
-    source: SourceConfig,
-    storage: StorageOptions | None,
-    class_names: Sequence[str],
-    coco_json: str | None = None,
-    class_masks: str | None = None,
-    mask_suffix: str = "",
-) -> tuple[list[dict], dict[int, int] | None, CocoIndex | None]:
-    """Rows for the decode step: every listed image with its ground truth, if any.
-
-    Returns (items, {COCO category id: label} or None, the parsed COCO file or None). Items have
-    ``image, mask, class_mask, annotations, coco_image_id, image_id, row_index``.
-    """
-    samples = list_samples(source, storage)
-    coco = cat_labels = None
-    matched: dict[int, int] = {}
-    if coco_json:
-        coco = CocoIndex.parse(read_bytes(coco_json, storage))
-        cat_labels = coco.category_labels(class_names)
-        matched = {idx: image_id for image_id, idx in coco.match([s.image for s in samples]).items()}
-    classes = _class_mask_index(class_masks, storage) if class_masks else {}
-    items = []
-    for i, s in enumerate(samples):
-        anns, coco_id = "", -1
-        if i in matched:
-            coco_id = matched[i]
-            im = coco.images[coco_id]  # type: ignore[union-attr]
-            anns = json.dumps({"height": im.get("height"), "width": im.get("width"),
-                               "annotations": coco.annotations[coco_id]})  # type: ignore[union-attr]
-        class_mask = ""
-        if class_masks and s.mask:
-            stem = _stem(s.image)
-            class_mask = classes.get(stem) or classes.get(stem + mask_suffix) or ""
-        items.append({"image": s.image, "mask": s.mask or "", "class_mask": class_mask, "annotations": anns,
-                      "coco_image_id": coco_id, "image_id": s.image_id, "row_index": i})
-    return items, cat_labels, coco
-
-
-# --------------------------------------------------------------------------- read + decode
-
-
-def read_decode_instances(
-    batch: dict[str, Any],
-    storage: StorageOptions | None = None,
-    bands: list[int] | None = None,
-    max_pixels: int | None = None,
-    num_classes: int | None = None,
-    ignore_index: int | None = None,
-    category_labels: list[list[int]] | None = None,
-) -> dict[str, Any]:
-    """``read_decode`` plus the ground truth as ``target`` (``Instances`` JSON, '' without).
-
-    Instance-id masks (``mask``), class maps (``class_mask``) and COCO annotations
-    (``annotations``) are read here; broken ground truth makes the row an error row.
-    """
-    n = len(batch["image"])
-    base = read_decode({"image": batch["image"], "mask": batch["mask"], "image_id": batch["image_id"]},
-                       storage=storage, bands=bands, max_pixels=max_pixels)
-    class_urls = [str(u) if u else "" for u in batch["class_mask"]]
-    wanted = [u for u, s in zip(class_urls, base["status"]) if u and s == "ok"]
-    class_data = dict(zip(wanted, _fetch(wanted, storage))) if wanted else {}
-    labels = {int(c): int(lab) for c, lab in (category_labels or [])}
-    status, error = list(base["status"]), list(base["error"])
-    targets = [""] * n
-    for i in range(n):
-        if status[i] != "ok":
-            continue
-        try:
-            h, w = int(base["height"][i]), int(base["width"][i])
-            if batch["mask"][i]:
-                class_map = None
-                if class_urls[i]:
-                    data = class_data[class_urls[i]]
-                    if isinstance(data, Exception):
-                        raise ValueError(f"class map {class_urls[i]}: {_reason(data)}")
-                    class_map = decode_mask(data, class_urls[i])
-                    if class_map.shape != (h, w):
-                        raise ValueError(f"class map is {class_map.shape}, image is {(h, w)}")
-                inst, warnings = instances_from_id_mask(base["gt"][i], class_map, ignore_index, num_classes)
-                for msg in warnings:
-                    log.warning("%s: %s", base["source_path"][i], msg)
-                targets[i] = inst.to_json()
-            elif batch["annotations"][i]:
-                entry = json.loads(str(batch["annotations"][i]))
-                if entry.get("height") and entry.get("width") and (int(entry["height"]), int(entry["width"])) != (h, w):
-                    raise ValueError(f"COCO says {entry['height']}x{entry['width']} (HxW), image is {h}x{w}")
-                targets[i] = instances_from_coco(entry["annotations"], h, w, labels).to_json()
-        except Exception as exc:  # broken ground truth: an error row, like a broken image
-            status[i], error[i] = "error", f"ground truth: {type(exc).__name__}: {exc}"
-    out = {k: v for k, v in base.items() if k != "gt"}
-    ok = np.array([s == "ok" for s in status])
-    out["pixels"] = [p if k else _NO_IMAGE for p, k in zip(base["pixels"], ok)]
-    for col in ("height", "width", "bands"):
-        out[col] = [v if k else 0 for v, k in zip(base[col], ok)]
-    out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
-               target=np.array(targets, dtype=object), has_gt=np.array([bool(t) for t in targets]),
-               coco_image_id=np.asarray(batch["coco_image_id"], np.int64),
-               row_index=np.asarray(batch["row_index"], np.int64))
-    return out
 
 
 # --------------------------------------------------------------------------- predict
@@ -356,45 +222,24 @@ def encode_instances(batch: dict[str, Any], class_names: list[str], category_ids
 # --------------------------------------------------------------------------- pipeline
 
 
-def build_instance_dataset(cfg: InferJobConfig, samples: list, payload: dict):
-    """The lazy Ray Dataset of instance rows; ``samples`` (already listed) fix the row count."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if payload.get("task") != "instance":
-        raise ConfigError("coco_json/class_masks: ground truth of instances needs an instance (Mask R-CNN) checkpoint")
-    class_names = payload["class_names"]
-    items, cat_labels, coco = instance_items(cfg.source, cfg.storage, class_names, cfg.coco_json, cfg.class_masks,
+def instance_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> ImageStages:
+    """The instance family's images run; ``samples`` (already listed) fix the row count."""
+    class_names = ckpt.class_names
+    items, cat_labels, coco = instance_items(samples, cfg.storage, class_names, cfg.coco_json, cfg.class_masks,
                                              cfg.source.mask_suffix)
-    if len(items) != len(samples):
-        raise ValueError(f"source changed while listing: {len(items)} images now, {len(samples)} before")
-    category_ids = category_ids_for(class_names, coco, payload.get("category_ids"))
-    blocks = max(1, min(len(items), max(cfg.num_actors * 4, math.ceil(len(items) / (cfg.batch_size * 2)))))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        read_decode_instances,
-        fn_kwargs={"storage": cfg.storage, "bands": payload.get("bands"), "max_pixels": cfg.max_pixels,
-                   "num_classes": len(class_names), "ignore_index": payload.get("ignore_index"),
-                   "category_labels": [[c, lab] for c, lab in (cat_labels or {}).items()]},
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.cpus_per_task,
-    )
-    ds = ds.map_batches(
-        InstancePredictor,
-        fn_constructor_kwargs={"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size,
-                               "score_threshold": cfg.score_threshold, "max_detections": cfg.max_detections,
-                               "mask_threshold": cfg.mask_threshold},
-        compute=ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.num_gpus_per_actor,
-        runtime_env=model_runtime_env(),
-    )
-    return ds.map_batches(
-        encode_instances,
-        fn_kwargs={"class_names": class_names, "category_ids": category_ids},
-        batch_size=cfg.batch_size,
-        num_cpus=cfg.cpus_per_task,
+    return ImageStages(
+        items=items,
+        read=read_decode_instances,
+        read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
+                     "num_classes": len(class_names), "ignore_index": ckpt.ignore_index,
+                     "category_labels": [[c, lab] for c, lab in (cat_labels or {}).items()]},
+        predictor=InstancePredictor,
+        predictor_kwargs={"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size,
+                          "score_threshold": cfg.score_threshold, "max_detections": cfg.max_detections,
+                          "mask_threshold": cfg.mask_threshold},
+        encode=encode_instances,
+        encode_kwargs={"class_names": class_names,
+                       "category_ids": category_ids_for(class_names, coco, ckpt.category_ids)},
     )
 
 
@@ -418,10 +263,8 @@ def aggregate_metrics(rows: list[dict]) -> dict[str, float]:
     return coco_eval.evaluate(images, gts, dets, cats)
 
 
-def summarize_instances(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_inputs: int, wall_s: float) -> dict[str, Any]:
+def summarize_instances(cfg: InferJobConfig, ckpt: Checkpoint, num_inputs: int, wall_s: float) -> dict[str, Any]:
     import pyarrow.dataset as pads
-
-    from segray.infer.pipeline import PREDICTIONS, run_counts
 
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
@@ -429,7 +272,7 @@ def summarize_instances(cfg: InferJobConfig, payload: dict, ckpt_id: str, num_in
     table = dataset.to_table(columns=cols)
     ok = np.asarray(table["status"].to_pylist()) == "ok"
     counts = np.asarray(table["num_instances"].to_pylist(), float)
-    summary: dict[str, Any] = {"task": "instance", **run_counts(cfg, payload, ckpt_id, num_inputs, wall_s, table),
+    summary: dict[str, Any] = {"task": "instance", **run_counts(cfg, ckpt, num_inputs, wall_s, table),
                                "num_instances": int(counts[ok].sum()),
                                "mean_instances_per_image": float(counts[ok].mean()) if ok.any() else 0.0}
     with_gt = pads.field("has_ground_truth") == True  # noqa: E712 - a pyarrow expression

@@ -3,7 +3,7 @@
 Layout under ``cfg.output`` (local or object storage), one partition per night::
 
     run_date=2025-01-31/
-        part-<attempt>_*.parquet        data files of the attempt that committed (steps.OUTPUT_SCHEMA)
+        part-<attempt>_*.parquet        data files of the attempt that committed (the family's row schema)
         _inputs-<attempt>.parquet       what it processed: source_path, image_id, size, version
         _SUCCESS                        JSON commit record, written last; lists the files above
 
@@ -38,21 +38,19 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 import time
-import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
 
 from segray.config import ConfigError, NightlyJobConfig, SourceConfig, StorageOptions
-from segray.infer.steps import OUTPUT_SCHEMA, error_reasons, read_checkpoint
+from segray.core.checkpoint import Checkpoint
+from segray.infer.families import family_of
+from segray.infer.sinks import FORMAT, INPUTS_SCHEMA, SUCCESS, PartitionSink
+from segray.infer.steps import error_reasons, open_checkpoint
 from segray.io.fs import (
     Sample,
     _glob_base,
@@ -60,17 +58,11 @@ from segray.io.fs import (
     join,
     list_samples,
     pyarrow_fs,
-    remove_tree,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT = "segray-nightly/1"
-SUCCESS = "_SUCCESS"
 PARTITION = "run_date="
-INPUTS_SCHEMA = pa.schema(
-    [("source_path", pa.string()), ("image_id", pa.string()), ("size", pa.int64()), ("version", pa.string())]
-)
 
 
 # --------------------------------------------------------------------------- archive listing
@@ -154,6 +146,11 @@ class Commit:
     def inputs_file(self) -> str:
         return join(self.partition, self.record["inputs_file"])
 
+    @property
+    def task(self) -> str:
+        """The model family of the rows (records from before families hold semantic rows)."""
+        return self.record.get("task", "semantic")
+
 
 def partition_url(output: str, run_date: dt.date | str) -> str:
     return join(output, f"{PARTITION}{run_date}")
@@ -209,12 +206,14 @@ def read_committed(output: str, storage: StorageOptions | None = None, columns: 
     was processed again on a later night); ``latest_only=False`` returns every committed
     row (the history). ``columns`` limits what is read (e.g. leave out ``mask_png``).
     """
-    want = list(columns) if columns else list(OUTPUT_SCHEMA.names)
+    commits = committed_runs(output, storage)
+    schema = family_of(commits[-1].task if commits else "semantic").schema
+    want = list(columns) if columns else list(schema.names)
     read_cols = want if "source_path" in want else want + ["source_path"]
     seen: set[str] = set()
     parts = []
-    for commit in reversed(committed_runs(output, storage)):  # newest night first
-        table = _read_files(commit.files, storage, read_cols, OUTPUT_SCHEMA)
+    for commit in reversed(commits):  # newest night first
+        table = _read_files(commit.files, storage, read_cols, schema)
         if latest_only:
             if seen:
                 table = table.filter(pc.invert(pc.is_in(table["source_path"], pa.array(sorted(seen), pa.string()))))
@@ -222,65 +221,12 @@ def read_committed(output: str, storage: StorageOptions | None = None, columns: 
         table = table.select(want)
         parts.append(table.append_column("run_date", pa.array([commit.run_date] * table.num_rows, pa.string())))
     if not parts:
-        empty = pa.schema([OUTPUT_SCHEMA.field(n) for n in want]).empty_table()
+        empty = pa.schema([schema.field(n) for n in want]).empty_table()
         return empty.append_column("run_date", pa.array([], pa.string()))
     return pa.concat_tables(reversed(parts), promote_options="default")
 
 
 # --------------------------------------------------------------------------- the run
-
-
-class PartNames(FilenameProvider):
-    """Ray Data file names of one attempt: part-<attempt>_<write uuid>_<task>.parquet
-    (deterministic per write task, so a retried task overwrites its own file)."""
-
-    def __init__(self, attempt: str):
-        super().__init__(file_format="parquet")
-        self.attempt = attempt
-
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{self.attempt}_{write_uuid}_{task_index:06}.parquet"
-
-
-def _uncommit_and_clear(partition: str, storage: StorageOptions | None) -> None:
-    """Delete ``_SUCCESS`` first (so the night is never committed with files missing), then
-    everything else in the partition."""
-    fs, path = get_fs(partition, storage)
-    marker = posixpath.join(path.rstrip("/"), SUCCESS)
-    if fs.exists(marker):
-        fs.rm(marker)
-    remove_tree(partition, storage)
-
-
-def _write_atomic(url: str, data: bytes, storage: StorageOptions | None) -> None:
-    """All or nothing: one PUT on object storage; temp file + rename on a local disk."""
-    fs, path = get_fs(url, storage)
-    if "://" in url and not url.startswith("file://"):
-        fs.pipe_file(path, data)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _partition_files(partition: str, storage: StorageOptions | None) -> list[str]:
-    """Names (relative to the partition) of every file in it."""
-    fs, path = get_fs(partition, storage)
-    root = path.rstrip("/")
-    if not fs.exists(root):
-        return []
-    return sorted(n[len(root) + 1:] for n, info in fs.find(root, detail=True, withdirs=False).items()
-                  if info.get("type") == "file" and not n.endswith("/"))
 
 
 def _now() -> str:
@@ -306,46 +252,42 @@ def plan(cfg: NightlyJobConfig) -> dict[str, Any]:
             "num_commits": len(commits)}
 
 
-def _verify(table: pa.Table, todo: list[ArchiveEntry]) -> None:
-    """Exactly one row per input, and nothing else, before the night may commit."""
-    got = Counter(table["source_path"].to_pylist())
-    want = {e.url for e in todo}
-    dupes = [p for p, n in got.items() if n > 1]
-    missing = want - set(got)
-    extra = set(got) - want
-    if dupes or missing or extra or table.num_rows != len(todo):
-        raise RuntimeError(
-            f"not committing: {table.num_rows} rows for {len(todo)} inputs "
-            f"({len(dupes)} duplicated, {len(missing)} missing, {len(extra)} unexpected, "
-            f"e.g. {sorted(dupes)[:2] + sorted(missing)[:2] + sorted(extra)[:2]})")
+def _already_committed(commit: Commit, t0: float) -> dict[str, Any]:
+    rec = commit.record
+    log.info("%s is already committed: nothing to do (rebuild: true recomputes it)", commit.partition)
+    return {"run_date": commit.run_date, "partition": commit.partition, "archive_size": rec.get("archive_size"),
+            "done_before": rec.get("done_before"), "status": "already committed", "processed": rec["num_inputs"],
+            "num_ok": rec["num_ok"], "num_error": rec["num_error"], "files": len(rec["files"]),
+            "committed_at": rec["committed_at"], "wall_s": time.perf_counter() - t0}
+
+
+def _checked_family(cfg: NightlyJobConfig, ckpt: Checkpoint, commits: list[Commit]):
+    """The checkpoint's family, if the output's other nights hold rows of the same schema."""
+    family = family_of(ckpt)
+    night = cfg.night().isoformat()
+    others = sorted({c.task for c in commits if c.run_date != night} - {family.name})
+    if others:  # one output, one row schema: readers concatenate the nights
+        raise ConfigError(f"checkpoint: a {family.name!r} checkpoint, but {cfg.output} holds {others[0]!r} rows "
+                          "(write another family's nights to another output)")
+    return family
 
 
 def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
     """Run one night (see the module doc); returns its summary (also in ``_SUCCESS``)."""
     t0 = time.perf_counter()
     started = _now()
-    payload, ckpt_id = read_checkpoint(cfg.checkpoint, cfg.storage)  # fail fast, before any listing
-    if payload.get("task", "semantic") != "semantic":
-        raise ConfigError(f"checkpoint: nightly runs take semantic checkpoints (this one is {payload.get('task')!r})")
-    night = cfg.night().isoformat()
-    mine = next((c for c in committed_runs(cfg.output, cfg.storage) if c.run_date == night), None)
+    ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)  # fail fast, before any listing
+    commits = committed_runs(cfg.output, cfg.storage)
+    family = _checked_family(cfg, ckpt, commits)
+    mine = next((c for c in commits if c.run_date == cfg.night().isoformat()), None)
     if mine is not None and not cfg.rebuild:  # a committed night is final: not even a listing
-        rec = mine.record
-        log.info("%s is already committed: nothing to do (rebuild: true recomputes it)", mine.partition)
-        return {"run_date": night, "partition": mine.partition, "archive_size": rec.get("archive_size"),
-                "done_before": rec.get("done_before"), "status": "already committed", "processed": rec["num_inputs"],
-                "num_ok": rec["num_ok"], "num_error": rec["num_error"], "files": len(rec["files"]),
-                "committed_at": rec["committed_at"], "wall_s": time.perf_counter() - t0}
+        return _already_committed(mine, t0)
     p = plan(cfg)
-    night, partition, todo = p["run_date"], p["partition"], p["todo"]
-    base = {"run_date": night, "partition": partition, "archive_size": len(p["entries"]),
-            "done_before": p["num_done_before"]}
-
+    todo = p["todo"]
     # A fresh attempt: whatever is in the partition (a killed run's files, or the committed
     # night being rebuilt) goes first; this attempt's files carry its own id.
-    attempt = uuid.uuid4().hex[:12]
-    _uncommit_and_clear(partition, cfg.storage)
-    prefix = f"part-{attempt}_"
+    sink = PartitionSink(p["partition"], cfg.storage, family.schema)
+    sink.prepare()
     if todo:
         import ray
 
@@ -354,60 +296,25 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
         if init_ray and not ray.is_initialized():
             ray.init(log_to_driver=False)
         samples = [Sample(image=e.url, mask=e.mask, image_id=e.image_id) for e in todo]
-        fs, out_path = pyarrow_fs(partition, cfg.storage)
-        build_dataset(cfg.infer_config(partition), samples, payload).write_parquet(
-            out_path, filesystem=fs, filename_provider=PartNames(attempt))
-    files = [f for f in _partition_files(partition, cfg.storage) if f.startswith(prefix) and f.endswith(".parquet")]
-    cols = ["source_path", "status", "error", "decode_ms", "predict_ms"]
-    table = _read_files([join(partition, f) for f in files], cfg.storage, cols, OUTPUT_SCHEMA)
-    _verify(table, todo)
-
-    inputs_file = f"_inputs-{attempt}.parquet"
+        sink.write(build_dataset(cfg.infer_config(p["partition"]), samples, ckpt))
+    table = sink.rows(["status", "error"])
+    status = table["status"].to_pylist()
+    errors = [e for e, st in zip(table["error"].to_pylist(), status) if st != "ok"]
     inputs = pa.table({"source_path": [e.url for e in todo], "image_id": [e.image_id for e in todo],
                        "size": [e.size for e in todo], "version": [e.version for e in todo]}, schema=INPUTS_SCHEMA)
-    pfs, ppath = pyarrow_fs(join(partition, inputs_file), cfg.storage)
-    if "://" not in partition or partition.startswith("file://"):
-        os.makedirs(os.path.dirname(ppath), exist_ok=True)
-    pq.write_table(inputs, ppath, filesystem=pfs)
-
-    status = table["status"].to_pylist()
-    errors = [e for e, s in zip(table["error"].to_pylist(), status) if s != "ok"]
-    wall = time.perf_counter() - t0
-    record = {
-        "format": FORMAT,
-        "run_date": night,
-        "attempt": attempt,
-        "started_at": started,
-        "committed_at": _now(),
-        "files": files,
-        "inputs_file": inputs_file,
-        "num_inputs": len(todo),
-        "num_rows": table.num_rows,
-        "num_ok": sum(s == "ok" for s in status),
-        "num_error": sum(s != "ok" for s in status),
-        "error_reasons": error_reasons(errors),
-        "archive_size": len(p["entries"]),
-        "done_before": p["num_done_before"],
-        "checkpoint": cfg.checkpoint,
-        "checkpoint_id": ckpt_id,
-        "model_name": payload["model_config"]["name"],
-        "source": cfg.source.model_dump(mode="json"),
-        "wall_s": round(wall, 3),
-    }
-    _write_atomic(join(partition, SUCCESS), json.dumps(record, indent=1).encode(), cfg.storage)  # the commit
-
-    # Best effort: files no record lists (late writes of a killed attempt's tasks).
-    keep = set(files) | {inputs_file, SUCCESS}
-    for name in _partition_files(partition, cfg.storage):
-        if name not in keep:
-            try:
-                fs, path = get_fs(join(partition, name), cfg.storage)
-                fs.rm(path)
-            except OSError:
-                pass
-    return {**base, "status": "committed", "processed": len(todo), "num_ok": record["num_ok"],
-            "num_error": record["num_error"], "files": len(files), "committed_at": record["committed_at"],
-            "attempt": attempt, "wall_s": wall}
+    record = sink.commit({
+        "task": family.name, "run_date": p["run_date"], "started_at": started, "committed_at": _now(),
+        "num_inputs": len(todo), "num_rows": table.num_rows, "num_ok": sum(st == "ok" for st in status),
+        "num_error": sum(st != "ok" for st in status), "error_reasons": error_reasons(errors),
+        "archive_size": len(p["entries"]), "done_before": p["num_done_before"], "checkpoint": cfg.checkpoint,
+        "checkpoint_id": ckpt.id, "model_name": ckpt.model_name,
+        "source": cfg.source.model_dump(mode="json"), "wall_s": round(time.perf_counter() - t0, 3),
+        "inputs": inputs,
+    })
+    return {"run_date": p["run_date"], "partition": p["partition"], "archive_size": len(p["entries"]),
+            "done_before": p["num_done_before"], "status": "committed", "processed": len(todo),
+            "num_ok": record["num_ok"], "num_error": record["num_error"], "files": len(record["files"]),
+            "committed_at": record["committed_at"], "attempt": record["attempt"], "wall_s": time.perf_counter() - t0}
 
 
 def summary_rows(s: dict[str, Any]) -> Iterable[tuple[str, Any]]:

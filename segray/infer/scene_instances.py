@@ -28,21 +28,15 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from segray.config import StorageOptions
+from segray.config import SceneInferJobConfig, StorageOptions
 from segray.core.polygons import mask_to_polygons
 from segray.core.scene_polygons import BBOX_FIELDS, POLYGON_SCHEMA
-from segray.core.tiling import Window, blocks
-from segray.infer.scene_steps import (
-    MASK_NODATA,
-    TILE_SCHEMA,
-    TileIndex,
-    _ensure_parent,
-    grid_tiles,
-    limit_gdal_cache,
-    tile_row,
-)
+from segray.core.tiling import Tile, Window, blocks
+from segray.infer.scene_family import SceneFamily
+from segray.infer.scene_grid import MASK_NODATA, TileIndex, ensure_parent, grid_tiles
+from segray.infer.scene_steps import TILE_SCHEMA, tile_row
 from segray.io.fs import join, pyarrow_fs, read_bytes, write_bytes
-from segray.io.raster import CogBlockWriter
+from segray.io.raster import CogBlockWriter, limit_gdal_cache
 
 INSTANCE_NODATA = np.iinfo(np.uint32).max
 INSTANCE_POLYGON_SCHEMA = POLYGON_SCHEMA.append(pa.field("instance_id", pa.int64()))
@@ -250,26 +244,40 @@ def _paint(window: Window, instances: list[SceneInstance], ids: list[int], valid
     return inst_map, cls_map
 
 
-def _merge_and_write(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, Any]:
-    h, w, bs = int(task["height"]), int(task["width"]), int(task["block_size"])
-    k = max(int(task["num_classes"]), 2)
-    names = list(task["class_names"])
-    raw, valids = load_scene_instances(task, storage)
-    merged = merge_instances(raw, float(task.get("merge_ios", 0.5)))
-    merged = [m for m in merged if m.pixels >= int(task.get("min_polygon_pixels", 0))]
-    tiles = grid_tiles(int(task["vheight"]), int(task["vwidth"]), int(task["tile_size"]), int(task["overlap"]))
-    index = TileIndex(tiles)
-    cell = 256
+def _box_grid(instances: list[SceneInstance], cell: int) -> dict[tuple[int, int], list[int]]:
+    """Which instances' boxes touch each ``cell`` x ``cell`` square of the scene."""
     grid: dict[tuple[int, int], list[int]] = {}
-    for n, x in enumerate(merged):
+    for n, x in enumerate(instances):
         r0, c0, r1, c1 = x.box
         for i in range(r0 // cell, (r1 - 1) // cell + 1):
             for j in range(c0 // cell, (c1 - 1) // cell + 1):
                 grid.setdefault((i, j), []).append(n)
+    return grid
+
+
+def _block_valid(win: Window, tiles: tuple[Tile, ...], index: TileIndex, valids: list) -> np.ndarray:
+    r0, c0, bh, bw = win
+    valid = np.zeros((bh, bw), bool)
+    for i in index.touching(win):  # every tile covering a pixel agrees on its validity
+        t = tiles[i]
+        rr0, cc0 = max(t.row_off, r0), max(t.col_off, c0)
+        rr1, cc1 = min(t.row_off + t.height, r0 + bh), min(t.col_off + t.width, c0 + bw)
+        valid[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = valids[i][rr0 - t.row_off : rr1 - t.row_off,
+                                                                   cc0 - t.col_off : cc1 - t.col_off]
+    return valid
+
+
+def _write_rasters(task: dict[str, Any], merged: list[SceneInstance], tiles: tuple[Tile, ...], valids: list,
+                   k: int) -> np.ndarray:
+    """The class-map COG (and the instance-id COG) block by block; returns the class pixel counts."""
+    h, w, bs = int(task["height"]), int(task["width"]), int(task["block_size"])
+    index = TileIndex(tiles)
+    cell = 256
+    grid = _box_grid(merged, cell)
     counts = np.zeros(k, np.int64)
     for url in (task["mask_url"], task.get("instance_url")):
         if url:
-            _ensure_parent(url)
+            ensure_parent(url)
     cog = dict(crs=task["crs"] or None, transform=task["transform"], blocksize=bs,
                compress=task.get("compress", "deflate"), env=task.get("env"))
     with ExitStack() as stack:
@@ -278,13 +286,7 @@ def _merge_and_write(task: dict[str, Any], storage: StorageOptions | None) -> di
                                                     **cog)) if task.get("instance_url") else None
         for win in blocks(h, w, bs):
             r0, c0, bh, bw = win
-            valid = np.zeros((bh, bw), bool)
-            for i in index.touching(win):  # every tile covering a pixel agrees on its validity
-                t = tiles[i]
-                rr0, cc0 = max(t.row_off, r0), max(t.col_off, c0)
-                rr1, cc1 = min(t.row_off + t.height, r0 + bh), min(t.col_off + t.width, c0 + bw)
-                valid[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = valids[i][rr0 - t.row_off : rr1 - t.row_off,
-                                                                           cc0 - t.col_off : cc1 - t.col_off]
+            valid = _block_valid(win, tiles, index, valids)
             ids = sorted({n for i in range(r0 // cell, (r0 + bh - 1) // cell + 1)
                           for j in range(c0 // cell, (c0 + bw - 1) // cell + 1) for n in grid.get((i, j), ())})
             inst_map, cls_map = _paint(win, merged, ids, valid, k)
@@ -292,50 +294,93 @@ def _merge_and_write(task: dict[str, Any], storage: StorageOptions | None) -> di
             if inst_w is not None:
                 inst_w.write(win, inst_map)
             counts += np.bincount(cls_map[valid], minlength=k)[:k]
-    # one polygon (or multipolygon) per instance, in map coordinates
-    transform = task["transform"]
+    return counts
+
+
+def _instance_geometries(merged: list[SceneInstance], transform) -> tuple[list, list[int]]:
+    """One polygon (or multipolygon) per instance, in map coordinates; the indices of those with one."""
     geoms, keep = [], []
     for n, x in enumerate(merged):
         parts = [g for g, _ in mask_to_polygons(x.mask.astype(np.uint8), transform, offset=(x.row_off, x.col_off))]
         if parts:
             geoms.append(shapely.union_all(parts) if len(parts) > 1 else parts[0])
             keep.append(n)
+    return geoms, keep
+
+
+def _write_polygons(task: dict[str, Any], merged: list[SceneInstance], storage: StorageOptions | None,
+                    names: list[str]) -> dict[str, Any]:
+    """``polygons_url``: one row per instance (``INSTANCE_POLYGON_SCHEMA``) in ``polygon_crs``."""
+    import pyarrow.parquet as pq
+
+    from segray.core.scene_polygons import reproject
+
+    geoms, keep = _instance_geometries(merged, task["transform"])
+    arr = np.array(geoms, dtype=object)
+    area = shapely.area(arr) if len(arr) else np.zeros(0)
+    src, dst = task["crs"] or None, task.get("polygon_crs")
+    if src and dst:
+        from rasterio.crs import CRS
+
+        if CRS.from_user_input(src) != CRS.from_user_input(dst):
+            arr = reproject(arr, src, dst)
+    bounds = shapely.bounds(arr).reshape(-1, 4) if len(arr) else np.zeros((0, 4))
+    sel = [merged[n] for n in keep]
+    table = pa.table({
+        "geometry": pa.array(shapely.to_wkb(arr, flavor="iso") if len(arr) else [], pa.binary()),
+        "bbox": pa.StructArray.from_arrays([pa.array(bounds[:, i], pa.float64()) for i in range(4)], BBOX_FIELDS),
+        "scene_id": pa.array([task["scene_id"]] * len(sel), pa.string()),
+        "class_id": pa.array([x.label for x in sel], pa.int32()),
+        "class_name": pa.array([names[x.label] if x.label < len(names) else str(x.label) for x in sel], pa.string()),
+        "score": pa.array([x.score for x in sel], pa.float64()),
+        "pixels": pa.array([x.pixels for x in sel], pa.int64()),
+        "area": pa.array(np.asarray(area, np.float64), pa.float64()),
+        "whole": pa.array([True] * len(sel), pa.bool_()),
+        "instance_id": pa.array([n + 1 for n in keep], pa.int64()),
+    }, schema=INSTANCE_POLYGON_SCHEMA)
+    fs, path = pyarrow_fs(task["polygons_url"], storage)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    out: dict[str, Any] = {"num_polygons": table.num_rows}
+    if len(arr):
+        out["polygon_bbox"] = [*bounds[:, :2].min(axis=0).tolist(), *bounds[:, 2:].max(axis=0).tolist()]
+    return out
+
+
+def _merge_and_write(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, Any]:
+    k = max(int(task["num_classes"]), 2)
+    raw, valids = load_scene_instances(task, storage)
+    merged = merge_instances(raw, float(task.get("merge_ios", 0.5)))
+    merged = [m for m in merged if m.pixels >= int(task.get("min_polygon_pixels", 0))]
+    tiles = grid_tiles(int(task["vheight"]), int(task["vwidth"]), int(task["tile_size"]), int(task["overlap"]))
+    counts = _write_rasters(task, merged, tiles, valids, k)
     result: dict[str, Any] = {"class_pixels": counts.tolist(), "valid_pixels": int(counts.sum()),
                               "mean_confidence": float(np.mean([x.score for x in merged])) if merged else None,
                               "num_instances": len(merged), "num_detections": len(raw), "num_tiles": len(tiles)}
     if task.get("polygons_url"):
-        from segray.core.scene_polygons import reproject
-
-        arr = np.array(geoms, dtype=object)
-        area = shapely.area(arr) if len(arr) else np.zeros(0)
-        src, dst = task["crs"] or None, task.get("polygon_crs")
-        if src and dst:
-            from rasterio.crs import CRS
-
-            if CRS.from_user_input(src) != CRS.from_user_input(dst):
-                arr = reproject(arr, src, dst)
-        bounds = shapely.bounds(arr).reshape(-1, 4) if len(arr) else np.zeros((0, 4))
-        sel = [merged[n] for n in keep]
-        table = pa.table({
-            "geometry": pa.array(shapely.to_wkb(arr, flavor="iso") if len(arr) else [], pa.binary()),
-            "bbox": pa.StructArray.from_arrays([pa.array(bounds[:, i], pa.float64()) for i in range(4)], BBOX_FIELDS),
-            "scene_id": pa.array([task["scene_id"]] * len(sel), pa.string()),
-            "class_id": pa.array([x.label for x in sel], pa.int32()),
-            "class_name": pa.array([names[x.label] if x.label < len(names) else str(x.label) for x in sel], pa.string()),
-            "score": pa.array([x.score for x in sel], pa.float64()),
-            "pixels": pa.array([x.pixels for x in sel], pa.int64()),
-            "area": pa.array(np.asarray(area, np.float64), pa.float64()),
-            "whole": pa.array([True] * len(sel), pa.bool_()),
-            "instance_id": pa.array([n + 1 for n in keep], pa.int64()),
-        }, schema=INSTANCE_POLYGON_SCHEMA)
-        import pyarrow.parquet as pq
-
-        fs, path = pyarrow_fs(task["polygons_url"], storage)
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.create_dir(parent, recursive=True)
-        pq.write_table(table, path, filesystem=fs)
-        result["num_polygons"] = table.num_rows
-        if len(arr):
-            result["polygon_bbox"] = [*bounds[:, :2].min(axis=0).tolist(), *bounds[:, 2:].max(axis=0).tolist()]
+        result.update(_write_polygons(task, merged, storage, list(task["class_names"])))
     return result
+
+
+# --------------------------------------------------------------------------- the instance family
+
+
+def _limits(cfg: SceneInferJobConfig) -> dict[str, Any]:
+    return {"score_threshold": cfg.score_threshold, "max_detections": cfg.max_detections,
+            "mask_threshold": cfg.mask_threshold}
+
+
+INSTANCE_SCENES = SceneFamily(
+    name="instance",
+    predictor=TileInstances,
+    predictor_kwargs=_limits,
+    write_tiles=write_tile_instances,
+    write_kwargs=lambda cfg, ckpt, env: {"storage": cfg.storage},
+    stitch=merge_scene_instances,
+    polygon_schema=INSTANCE_POLYGON_SCHEMA,
+    polygon_types=("Polygon", "MultiPolygon"),  # an instance may be in parts
+    instance_rasters=True,
+    no_probabilities="instance checkpoints give instances, not class probabilities",
+)

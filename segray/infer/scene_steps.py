@@ -9,129 +9,58 @@ A scene is never held whole by any step:
    replaced by the band mean before normalisation, so they do not disturb their neighbours.
 3. ``write_tiles``: each tile's probabilities (NaN where the input is nodata) become one
    ``.npy`` blob in the work area; the row keeps only small per-tile statistics.
-4. ``stitch_scene`` (one task per scene): walks the output blocks, blends only the tiles
-   touching each block (``tiling.stitch_window``, blobs through a small LRU), streams the class
-   map (and probabilities) into COGs, counts classes, scores against ground truth read
-   block-wise, and polygonises block by block (``BlockPolygonizer``). Its memory depends on
-   the tile, block and class counts, not on the scene size.
+4. ``stitch_scene`` (one task per scene, in ``scene_stitch``): blends the tile blobs block by
+   block into the scene's COGs, statistics and polygons.
 
-Tiles come from ``tiling.tile_grid`` over a *virtual* extent that may exceed the scene by
-less than ``align`` pixels, so that every tile offset is a multiple of the model's
-downsampling factor (pooling grids line up: tiled == untiled away from tile edges). Pixels
-beyond the scene are read as nodata and never written.
-
-For an instance (Mask R-CNN) checkpoint the same rows and reads apply; steps 2-4 become
-``scene_instances`` (per-tile detections, merged per scene across tile borders).
+The tile grid (virtual extent, ``grid_tiles``, ``TileIndex``, blob names) is ``scene_grid``;
+its names are importable from here too. ``SEMANTIC_SCENES`` bundles steps 2-4 for the
+semantic family. For an instance (Mask R-CNN) checkpoint the same rows and reads apply;
+steps 2-4 become ``scene_instances`` (per-tile detections, merged per scene across tile borders).
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections import OrderedDict
-from contextlib import ExitStack
-from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from segray.config import StorageOptions
+from segray.config import SceneInferJobConfig, StorageOptions
 from segray.core.metrics import confusion_matrix, metric_num_classes
-from segray.core.scene_polygons import POLYGON_SCHEMA, BlockPolygonizer, Piece, polygon_table
-from segray.core.tiling import Tile, Window, blocks, stitch_window, tile_grid
+from segray.core.scene_polygons import POLYGON_SCHEMA
+from segray.core.tiling import Window
+from segray.infer.scene_family import SceneFamily
+from segray.infer.scene_grid import (
+    MASK_NODATA,
+    PROB_NODATA_U8,
+    PROB_SCALE,
+    TileIndex,
+    blob_url,
+    class_map,
+    grid_tiles,
+    label_mismatch,
+    virtual_size,
+)
+from segray.infer.scene_stitch import TileCache, stitch_scene
 from segray.infer.steps import Predictor, same_shape_chunks
-from segray.io.fs import join, pyarrow_fs, read_bytes, write_bytes
-from segray.io.raster import CogBlockWriter, open_info, read_window
+from segray.io.fs import write_bytes
+from segray.io.raster import limit_gdal_cache, read_window, remap_labels
 
-MASK_NODATA = 255  # class maps are uint8; 255 marks nodata
-PROB_NODATA_U8 = 255  # uint8 probabilities are round(p * 254)
-PROB_SCALE = 254.0
-
-
-def limit_gdal_cache(mb: int | None) -> None:
-    """Cap GDAL's block cache in this process (default 5% of RAM, filled by every block read or
-    written: a worker's memory would grow with the data it has seen until that cap)."""
-    if mb:
-        from rasterio.env import set_gdal_config
-
-        set_gdal_config("GDAL_CACHEMAX", int(mb) * 2**20)
+__all__ = [
+    "MASK_NODATA", "PROB_NODATA_U8", "PROB_SCALE", "SEMANTIC_SCENES", "TILE_SCHEMA", "TileCache", "TileIndex",
+    "TileProbabilities", "blob_url", "class_map", "grid_tiles", "label_mismatch", "model_align", "read_tiles",
+    "stitch_scene", "tile_row", "virtual_size", "write_tiles",
+]
 
 
 def model_align(model_config: dict) -> int:
-    """The factor tile offsets must be multiples of for pooling grids to line up."""
-    name = model_config.get("name")
-    if name == "unet":
-        return 2 ** int(model_config.get("depth", 4))
-    if name in ("fcn_resnet50", "deeplabv3_resnet50"):
-        return 8  # output stride 8 (dilated ResNet)
-    return 1
+    """The factor tile offsets must be multiples of for pooling grids to line up (the registry's align)."""
+    from segray.core.models import tile_align
 
-
-def virtual_size(size: int, tile_size: int, align: int) -> int:
-    """Smallest extent >= size whose last tile offset (extent - tile_size) is a multiple of ``align``."""
-    if size <= tile_size or align <= 1:
-        return size
-    return tile_size + -(-(size - tile_size) // align) * align
-
-
-@lru_cache(maxsize=64)
-def grid_tiles(vheight: int, vwidth: int, tile_size: int, overlap: int) -> tuple[Tile, ...]:
-    return tuple(tile_grid(vheight, vwidth, tile_size, overlap))
-
-
-class TileIndex:
-    """Which tiles of a regular ``tile_grid`` touch a window: by offsets, not a scan of all tiles."""
-
-    def __init__(self, tiles: tuple[Tile, ...]) -> None:
-        self.tiles = tiles
-        self.row_offs = np.array(sorted({t.row_off for t in tiles}))
-        self.col_offs = np.array(sorted({t.col_off for t in tiles}))
-        self.th, self.tw = tiles[0].height, tiles[0].width
-        self._pos = {(t.row_off, t.col_off): i for i, t in enumerate(tiles)}
-
-    def _rows(self, r0: int, h: int) -> np.ndarray:
-        return self.row_offs[(self.row_offs < r0 + h) & (self.row_offs + self.th > r0)]
-
-    def _cols(self, c0: int, w: int) -> np.ndarray:
-        return self.col_offs[(self.col_offs < c0 + w) & (self.col_offs + self.tw > c0)]
-
-    def touching(self, window: Window) -> list[int]:
-        r0, c0, h, w = window
-        return [self._pos[(int(r), int(c))] for r in self._rows(r0, h) for c in self._cols(c0, w)]
-
-    def cache_capacity(self, height: int, width: int, block_size: int) -> int:
-        """Tiles an LRU must hold so that a row-major block walk reads each tile once per block row."""
-        most_rows = max(len(self._rows(r, min(block_size, height - r))) for r in range(0, height, block_size))
-        most_cols = max(len(self._cols(c, min(block_size, width - c))) for c in range(0, width, block_size))
-        return most_rows * (most_cols + 1)
-
-
-def remap_labels(label: np.ndarray, values: dict[int, int] | None) -> np.ndarray:
-    """Ground-truth values (read as float32) -> int64 class ids through ``values``."""
-    out = label.astype(np.int64)
-    if values:
-        src = out.copy()
-        for k, v in values.items():
-            out[src == int(k)] = int(v)
-    return out
-
-
-def label_mismatch(label_url: str, height: int, width: int, transform, env: dict | None) -> str | None:
-    """Why a ground-truth raster does not line up with its scene (None if it does).
-
-    A label without georeferencing (identity transform) is taken as pixel-aligned.
-    """
-    info = open_info(label_url, env)
-    if (info.height, info.width) != (height, width):
-        return f"ground truth {label_url} is {info.height}x{info.width}, scene is {height}x{width}"
-    ident = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    if info.crs is not None and tuple(info.transform) != ident:
-        scale = max(abs(transform[0]), abs(transform[4]), 1e-12)
-        if any(abs(a - b) > 1e-6 * scale for a, b in zip(info.transform, transform)):
-            return f"ground truth {label_url} has transform {info.transform}, scene has {tuple(transform)}"
-    return None
+    return tile_align(model_config)
 
 
 # --------------------------------------------------------------------------- 1. read
@@ -272,19 +201,6 @@ TILE_SCHEMA = pa.schema(
 )
 
 
-def blob_url(blob_dir: str, tile_index: int) -> str:
-    return join(blob_dir, f"{tile_index:07d}.npy")
-
-
-def class_map(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(class ids int64, confidence of the chosen class) from ``[K, h, w]`` probabilities."""
-    if probs.shape[0] == 1:
-        p = probs[0]
-        pred = p > 0.5
-        return pred.astype(np.int64), np.where(pred, p, 1 - p)
-    return probs.argmax(axis=0), probs.max(axis=0)
-
-
 def _bounds(transform, window: Window) -> list[float]:
     a, b, c, d, e, f = tuple(transform)[:6]
     r, col, h, w = window
@@ -369,199 +285,22 @@ def write_tiles(
     return pa.Table.from_pydict(rows, schema=TILE_SCHEMA)
 
 
-# --------------------------------------------------------------------------- 4. stitch
+# --------------------------------------------------------------------------- the semantic family
 
 
-class TileCache:
-    """LRU of loaded tile blobs; counts loads (each tile should load about once per block row)."""
-
-    def __init__(self, load: Callable[[int], np.ndarray], capacity: int) -> None:
-        self.load, self.capacity = load, max(capacity, 1)
-        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
-        self.loads = 0
-
-    def get(self, key: int) -> np.ndarray:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        value = self.load(key)
-        self.loads += 1
-        self._items[key] = value
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-        return value
+def _write_kwargs(cfg: SceneInferJobConfig, ckpt, env: dict) -> dict[str, Any]:
+    return {"num_classes": ckpt.num_classes, "storage": cfg.storage,
+            "tile_stats": cfg.per_tile_rows, "label_values": cfg.label_values, "label_nodata": cfg.label_nodata,
+            "env": env, "gdal_cache_mb": cfg.gdal_cache_mb}
 
 
-def _ensure_parent(url: str) -> None:
-    """GDAL creates files, not folders: make a local output's folder first."""
-    import os
-
-    if "://" not in url or url.startswith("file://"):
-        os.makedirs(os.path.dirname(os.path.abspath(url.removeprefix("file://"))), exist_ok=True)
-
-
-def _load_blob(url: str, storage: StorageOptions | None) -> np.ndarray:
-    return np.load(io.BytesIO(read_bytes(url, storage)), allow_pickle=False)
-
-
-def stitch_scene(task: dict[str, Any], storage: StorageOptions | None = None) -> dict[str, Any]:
-    """Blend one scene's tile blobs block by block into its outputs; never raises.
-
-    ``task`` holds the scene (``url``, ``label``, ``height``, ``width``, ``vheight``, ``vwidth``,
-    ``crs``, ``transform``, ``blob_dir``), the grid (``tile_size``, ``overlap``, ``blend``,
-    ``margin``, ``block_size``), the model (``num_classes``, ``class_names``) and the outputs
-    (``mask_url``, ``prob_url``/``prob_dtype``, ``polygons_url``/``polygon_crs``/
-    ``min_polygon_pixels``, ``label_values``, ``label_nodata``, ``compress``, ``env``,
-    ``gdal_cache_mb``).
-    Returns the scene's statistics (``status``/``error``, class pixels, confusion, ...).
-    """
-    t0 = time.perf_counter()
-    limit_gdal_cache(task.get("gdal_cache_mb"))
-    result: dict[str, Any] = {"scene_id": task["scene_id"], "status": "ok", "error": None, "num_polygons": 0,
-                              "polygon_bbox": None, "stitch_s": 0.0, "tile_loads": 0, "max_pending_polygons": 0}
-    try:
-        result.update(_stitch(task, storage))
-    except Exception as exc:  # the scene becomes an error row; nothing half-written stays behind
-        result.update(status="error", error=f"stitch: {type(exc).__name__}: {exc}")
-    result["stitch_s"] = time.perf_counter() - t0
-    return result
-
-
-def _stitch(task: dict[str, Any], storage: StorageOptions | None) -> dict[str, Any]:
-    h, w = int(task["height"]), int(task["width"])
-    vh, vw, bs = int(task["vheight"]), int(task["vwidth"]), int(task["block_size"])
-    overlap, blend, margin = int(task["overlap"]), task["blend"], int(task["margin"])
-    num_classes, env = int(task["num_classes"]), task.get("env")
-    k = metric_num_classes(num_classes)
-    tiles = grid_tiles(vh, vw, int(task["tile_size"]), overlap)
-    index = TileIndex(tiles)
-    cache = TileCache(lambda i: _load_blob(blob_url(task["blob_dir"], i), storage),
-                      index.cache_capacity(h, w, bs))
-    label = task.get("label") or ""
-    if label:
-        why = label_mismatch(label, h, w, task["transform"], env)
-        if why:
-            raise ValueError(why)
-    counts = np.zeros(k, np.int64)
-    conf_sum = 0.0
-    cm = torch.zeros(k, k, dtype=torch.long) if label else None
-    poly = (BlockPolygonizer(h, w, ignore=(0,), nodata=MASK_NODATA, min_pixels=int(task.get("min_polygon_pixels", 0)),
-                             max_vertices=int(task.get("polygon_max_vertices", 100_000)),
-                             max_pending_vertices=task.get("polygon_max_pending_vertices"))
-            if task.get("polygons_url") else None)
-    poly_out = _PolygonSink(task, storage) if poly else None
-    cog = dict(crs=task["crs"] or None, transform=task["transform"], blocksize=bs, compress=task.get("compress", "deflate"),
-               env=env)
-    for url in (task["mask_url"], task.get("prob_url")):
-        if url:
-            _ensure_parent(url)
-    with ExitStack() as stack:
-        mask_w = stack.enter_context(CogBlockWriter(task["mask_url"], h, w, 1, "uint8", nodata=MASK_NODATA,
-                                                    resampling="nearest", **cog))
-        prob_w = None
-        if task.get("prob_url"):
-            u8 = task.get("prob_dtype", "uint8") == "uint8"
-            prob_w = stack.enter_context(CogBlockWriter(
-                task["prob_url"], h, w, num_classes, "uint8" if u8 else "float32",
-                nodata=PROB_NODATA_U8 if u8 else float("nan"), resampling="average", **cog))
-        if poly_out:
-            stack.enter_context(poly_out)
-        windows = blocks(h, w, bs)
-        for n, win in enumerate(windows):
-            probs = stitch_window(win, ((tiles[i], cache.get(i)) for i in index.touching(win)),
-                                  vh, vw, overlap, blend, margin)
-            valid = ~np.isnan(probs[0])
-            pred, conf = class_map(np.nan_to_num(probs, nan=0.0))
-            cmap = np.where(valid, pred, MASK_NODATA).astype(np.uint8)
-            mask_w.write(win, cmap)
-            if prob_w is not None:
-                if task.get("prob_dtype", "uint8") == "uint8":
-                    q = np.rint(np.nan_to_num(probs, nan=0.0) * PROB_SCALE).astype(np.uint8)
-                    prob_w.write(win, np.where(valid, q, PROB_NODATA_U8))
-                else:
-                    prob_w.write(win, probs)
-            counts += np.bincount(pred[valid], minlength=k)
-            conf_sum += float(conf[valid].sum(dtype=np.float64))
-            if cm is not None:
-                lab, lab_ok = read_window(label, win, bands=[1], nodata=task.get("label_nodata"), env=env)
-                keep = valid & lab_ok
-                target = remap_labels(lab[0][keep], task.get("label_values"))
-                cm += confusion_matrix(torch.from_numpy(pred[keep]), torch.from_numpy(target), k)
-            if poly:
-                poly_out.add(poly.add(win, cmap, conf))
-                row_ends = n + 1 == len(windows) or windows[n + 1][0] != win[0]
-                if row_ends:
-                    poly_out.add(poly.end_row(win[0] + win[2]))
-    valid_pixels = int(counts.sum())
-    out = {
-        "class_pixels": counts.tolist(),
-        "valid_pixels": valid_pixels,
-        "mean_confidence": conf_sum / valid_pixels if valid_pixels else None,
-        "confusion": cm.flatten().tolist() if cm is not None else None,
-        "tile_loads": cache.loads,
-        "num_tiles": len(tiles),
-    }
-    if poly_out:
-        out.update(num_polygons=poly_out.count, polygon_bbox=poly_out.bbox, max_pending_polygons=poly.max_pending)
-    return out
-
-
-class _PolygonSink:
-    """Streams finished polygons of one scene into a Parquet file, one row group per chunk of
-    at most ``CHUNK`` polygons or ``CHUNK_VERTICES`` vertices (pieces of a web can be huge).
-    Small chunks on purpose: this task and the driver (which copies row group by row group into
-    polygons.parquet) each hold one chunk, so a chunk bounds their memory whatever the scene."""
-
-    CHUNK, CHUNK_VERTICES = 2_000, 100_000
-
-    def __init__(self, task: dict[str, Any], storage: StorageOptions | None) -> None:
-        self.task, self.storage = task, storage
-        self._buf: list[Piece] = []
-        self._vertices = 0
-        self.count = 0
-        self.bbox: list[float] | None = None
-        self._writer = None
-
-    def __enter__(self) -> "_PolygonSink":
-        import pyarrow.parquet as pq
-
-        fs, path = pyarrow_fs(self.task["polygons_url"], self.storage)
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.create_dir(parent, recursive=True)
-        self._writer = pq.ParquetWriter(path, POLYGON_SCHEMA, filesystem=fs)
-        return self
-
-    def add(self, pieces: list[Piece]) -> None:
-        import shapely
-
-        self._buf.extend(pieces)
-        if pieces:
-            self._vertices += int(shapely.get_num_coordinates([p.geom for p in pieces]).sum())
-        if len(self._buf) >= self.CHUNK or self._vertices >= self.CHUNK_VERTICES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._buf:
-            return
-        t = self.task
-        table = polygon_table(self._buf, t["transform"], t["scene_id"], t["class_names"],
-                              src_crs=t["crs"] or None, dst_crs=t.get("polygon_crs"))
-        self._buf, self._vertices = [], 0
-        self.count += table.num_rows
-        b = table.column("bbox").combine_chunks()
-        lo = [float(np.min(b.field(n).to_numpy())) for n in ("xmin", "ymin")]
-        hi = [float(np.max(b.field(n).to_numpy())) for n in ("xmax", "ymax")]
-        if self.bbox is None:
-            self.bbox = lo + hi
-        else:
-            self.bbox = [min(self.bbox[0], lo[0]), min(self.bbox[1], lo[1]),
-                         max(self.bbox[2], hi[0]), max(self.bbox[3], hi[1])]
-        self._writer.write_table(table)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self._flush()
-        finally:
-            self._writer.close()
+SEMANTIC_SCENES = SceneFamily(
+    name="semantic",
+    predictor=TileProbabilities,
+    predictor_kwargs=lambda cfg: {},
+    write_tiles=write_tiles,
+    write_kwargs=_write_kwargs,
+    stitch=stitch_scene,
+    polygon_schema=POLYGON_SCHEMA,
+    polygon_types=("Polygon",),
+)

@@ -1,5 +1,7 @@
 """The steps of bulk inference as plain batch functions: read+decode -> predict -> encode.
 
+Reading and decoding (:func:`segray.io.reads.read_decode`) lives in ``io``: training data uses it too.
+
 No Ray here: the pipeline wires these into ``map_batches``, tests call them directly.
 A batch is a dict of columns (numpy arrays or lists). Bad input never raises: the row
 gets ``status="error"`` and a reason, and later steps pass it through untouched.
@@ -16,16 +18,12 @@ import pyarrow as pa
 import torch
 
 from segray.core import masks
-from segray.core.checkpoint import FILENAME, checkpoint_id, load_payload
+from segray.core.checkpoint import FILENAME, Checkpoint
 from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
 from segray.core.models import build_model
-from segray.config import ModelConfig, StorageOptions
-from segray.io.fs import fsspec_options, get_fs, join
-from segray.io.images import ImageDecodeError, decode_image, decode_mask
-
-# Placeholders keep a column's arrays at one ndim for rows that carry no pixels.
-_NO_IMAGE = np.zeros((1, 1, 1), np.float32)
-_NO_MASK = np.zeros((1, 1), np.int64)
+from segray.config import StorageOptions
+from segray.io.fs import fsspec_options, join
+from segray.io.reads import NO_MASK
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -52,92 +50,18 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
-def _fetch(urls: list[str], storage: StorageOptions | None) -> list[bytes | Exception]:
-    """Read many objects at once (s3fs fetches a list concurrently); errors are returned."""
-    by_scheme: dict[str, list[int]] = {}
-    for i, u in enumerate(urls):
-        by_scheme.setdefault(u.split("://", 1)[0] if "://" in u else "file", []).append(i)
-    out: list[bytes | Exception] = [b""] * len(urls)
-    for idx in by_scheme.values():
-        fs, _ = get_fs(urls[idx[0]], storage)
-        paths = [fs._strip_protocol(urls[i]) for i in idx]
-        try:
-            got = fs.cat(paths, on_error="return")
-        except Exception as exc:  # a one-path cat raises instead of returning
-            got = {paths[0]: exc}
-        if not isinstance(got, dict):
-            got = {paths[0]: got}
-        for i, p in zip(idx, paths):
-            out[i] = got.get(p, FileNotFoundError(urls[i]))
-    return out
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ImageDecodeError):
-        return str(exc)
-    if isinstance(exc, FileNotFoundError):
-        return f"unreadable: not found ({exc})"
-    if isinstance(exc, PermissionError):
-        return f"unreadable: permission denied ({exc})"
-    return f"unreadable: {type(exc).__name__}: {exc}"
-
-
-def read_decode(
-    batch: dict[str, Any],
-    storage: StorageOptions | None = None,
-    bands: list[int] | None = None,
-    max_pixels: int | None = None,
-) -> dict[str, Any]:
-    """Columns in: image (URL), mask (URL or ''), image_id. Adds pixels and status."""
-    t0 = time.perf_counter()
-    image_urls = [str(u) for u in batch["image"]]
-    mask_urls = [str(u) if u else "" for u in batch["mask"]]
-    images = _fetch(image_urls, storage)
-    gt_data = dict(zip([u for u in mask_urls if u], _fetch([u for u in mask_urls if u], storage)))
-    out: dict[str, list] = {k: [] for k in ("pixels", "gt", "has_gt", "status", "error", "height", "width", "bands")}
-    for url, data, mask_url in zip(image_urls, images, mask_urls):
-        pixels, gt, status, error = _NO_IMAGE, _NO_MASK, "ok", ""
-        try:
-            if isinstance(data, Exception):
-                raise data
-            pixels = decode_image(data, url, bands=bands, max_pixels=max_pixels)
-            if mask_url:
-                mask_bytes = gt_data[mask_url]
-                if isinstance(mask_bytes, Exception):
-                    raise ImageDecodeError(f"ground-truth mask {mask_url}: {_reason(mask_bytes)}")
-                gt = decode_mask(mask_bytes, mask_url)
-                if gt.shape != pixels.shape[1:]:
-                    raise ImageDecodeError(f"ground-truth mask is {gt.shape}, image is {pixels.shape[1:]}")
-        except Exception as exc:  # any bad input becomes an error row
-            pixels, gt, status, error = _NO_IMAGE, _NO_MASK, "error", _reason(exc)
-        ok = status == "ok"
-        out["pixels"].append(pixels)
-        out["gt"].append(gt)
-        out["has_gt"].append(ok and bool(mask_url))
-        out["status"].append(status)
-        out["error"].append(error)
-        out["height"].append(pixels.shape[1] if ok else 0)
-        out["width"].append(pixels.shape[2] if ok else 0)
-        out["bands"].append(pixels.shape[0] if ok else 0)
-    ms = (time.perf_counter() - t0) * 1000 / max(len(image_urls), 1)
-    result = {"image_id": batch["image_id"], "source_path": np.array(image_urls, dtype=object)}
-    result.update({k: v for k, v in out.items()})
-    result["decode_ms"] = np.full(len(image_urls), ms)
-    return result
-
-
 def resolve_checkpoint(url: str) -> str:
     """A checkpoint is a ``.pt`` file or a directory holding ``checkpoint.pt``."""
     return url if url.endswith(".pt") else join(url, FILENAME)
 
 
-def read_checkpoint(url: str, storage: StorageOptions | None = None) -> tuple[dict, str]:
+def open_checkpoint(url: str, storage: StorageOptions | None = None) -> Checkpoint:
+    """The checkpoint at ``url`` (local or any fsspec URL), read and validated once."""
     import fsspec
 
     path = resolve_checkpoint(url)
     with fsspec.open(path, "rb", **fsspec_options(path, storage)) as f:
-        data = f.read()
-    return load_payload(data), checkpoint_id(data)
+        return Checkpoint.load(f.read())
 
 
 def error_reasons(errors: list[str | None], most: int = 20) -> list[str]:
@@ -166,22 +90,19 @@ class Predictor:
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
                  amp: bool = True, max_batch: int = 16):
-        payload, self.checkpoint_id = read_checkpoint(checkpoint, storage)
-        if payload.get("task", "semantic") != self.task:
-            raise ValueError(f"{checkpoint}: a {payload.get('task')!r} checkpoint; this step needs a {self.task!r} one")
-        # Weights come from the checkpoint itself, never from the files named when it was trained.
-        self.model_cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None,
-                                                     "backbone_weights": None})
-        self.class_names = payload["class_names"]
+        ckpt = open_checkpoint(checkpoint, storage)
+        if ckpt.task != self.task:
+            raise ValueError(f"{checkpoint}: a {ckpt.task!r} checkpoint; this step needs a {self.task!r} one")
+        self.checkpoint_id = ckpt.id
+        self.model_cfg = ckpt.model()
+        self.class_names = ckpt.class_names
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = amp and self.device.type == "cuda"
         self.max_batch = max_batch
         model = build_model(self.model_cfg)
-        model.load_state_dict(payload["model_state"])
+        model.load_state_dict(ckpt.model_state)
         self.model = model.to(self.device).eval()
-        stats = payload.get("band_stats") or {}
-        self.mean = torch.tensor(stats.get("mean", [0.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
-        self.std = torch.tensor(stats.get("std", [1.0] * self.model_cfg.in_channels)).view(-1, 1, 1)
+        self.mean, self.std = ckpt.normalization()
 
     def usable(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list[int]]:
         """Rows' status and error, and the rows to predict: earlier errors pass through untouched."""
@@ -220,7 +141,7 @@ class Predictor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         status, error, todo = self.usable(batch)
-        preds: list[np.ndarray] = [_NO_MASK.astype(np.uint8)] * len(status)
+        preds: list[np.ndarray] = [NO_MASK.astype(np.uint8)] * len(status)
         conf = np.full(len(status), np.nan)
         for i, (p, c) in zip(todo, self.predict([batch["pixels"][i] for i in todo])):
             preds[i], conf[i] = p, c

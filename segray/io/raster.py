@@ -11,6 +11,7 @@ options passed as ``env``, e.g. ``{"AWS_S3_ENDPOINT": "localhost:8333", "AWS_HTT
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import threading
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window as RioWindow
 
 from segray.config import StorageOptions
-from segray.core.tiling import Window, blocks
+from segray.core.tiling import Window
 
 CACHE_SIZE = 16  # open datasets kept per thread
 _local = threading.local()  # rasterio handles are not thread-safe: one cache per thread
@@ -299,34 +300,33 @@ class CogBlockWriter:
             self._tmp.cleanup()
 
 
-def scene_pattern(window: Window, count: int, dtype: str = "uint16") -> np.ndarray:
-    """Deterministic image-like values of a synthetic scene in ``window`` (``[count, h, w]``):
-    any window can be regenerated to check what was read."""
-    row_off, col_off, h, w = window
-    r = np.arange(row_off, row_off + h, dtype=np.int64)[:, None]
-    c = np.arange(col_off, col_off + w, dtype=np.int64)[None, :]
-    base = ((r // 16) * 7 + (c // 16) * 13) % 64 * 40 + (r * 31 + c * 17) % 97  # patches + texture
-    values = np.stack([(base + 300 * b) % 4096 for b in range(count)])
-    dt = np.dtype(dtype)
-    if dt.kind == "f":
-        return (values / 4096).astype(dt)
-    return (values % (int(np.iinfo(dt).max) + 1)).astype(dt)
+def limit_gdal_cache(mb: int | None) -> None:
+    """Cap GDAL's block cache in this process (default 5% of RAM, filled by every block read or
+    written: a worker's memory would grow with the data it has seen until that cap)."""
+    if mb:
+        from rasterio.env import set_gdal_config
+
+        set_gdal_config("GDAL_CACHEMAX", int(mb) * 2**20)
 
 
-def make_test_cog(
-    url: str,
-    height: int,
-    width: int,
-    count: int,
-    dtype: str = "uint16",
-    crs: str = "EPSG:32616",
-    transform=(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0),
-    nodata: float | None = None,
-    blocksize: int = 512,
-    env: dict[str, Any] | None = None,
-) -> RasterInfo:
-    """Write ``scene_pattern`` as a COG block by block (never whole in memory)."""
-    with CogBlockWriter(url, height, width, count, dtype, crs, transform, nodata, blocksize, env=env) as writer:
-        for window in blocks(height, width, blocksize):
-            writer.write(window, scene_pattern(window, count, dtype))
-    return open_info(url, env)
+def read_headers(urls: list[str], env: dict, threads: int = 8) -> list[RasterInfo | Exception]:
+    """Headers only (size, bands, CRS, transform, nodata), a few at a time; errors are returned."""
+
+    def one(url: str) -> RasterInfo | Exception:
+        try:
+            return open_info(url, env)
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(max(1, min(threads, len(urls)))) as pool:
+        return list(pool.map(one, urls))
+
+
+def remap_labels(label: np.ndarray, values: dict[int, int] | None) -> np.ndarray:
+    """Ground-truth values (read as float32) -> int64 class ids through ``values``."""
+    out = label.astype(np.int64)
+    if values:
+        src = out.copy()
+        for k, v in values.items():
+            out[src == int(k)] = int(v)
+    return out

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from segray.config import TrainJobConfig
-from segray.core.checkpoint import FILENAME, load_payload, make_payload, save_payload
+from segray.core.checkpoint import FILENAME, Checkpoint
 from segray.core.optim import build_optimizer, lr_factor, set_lr
 from segray.train.tasks import all_reduce, make_task
 
@@ -37,9 +37,9 @@ def _resume(model, opt) -> dict[str, Any]:
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:
-        payload = load_payload(os.path.join(d, FILENAME))
-    model.load_state_dict(payload["model_state"])
-    ts = payload["train_state"]
+        ckpt = Checkpoint.load(os.path.join(d, FILENAME))
+    model.load_state_dict(ckpt.model_state)
+    ts = ckpt.train_state
     opt.load_state_dict(ts["optimizer"])
     state.update({k: ts[k] for k in ("epoch", "best", "bad_epochs", "history")})
     state["step"] = ts.get("step", 0)
@@ -149,19 +149,66 @@ def _epoch_metrics(epoch: int, done: dict, rank: int, world: int) -> dict[str, f
     return metrics
 
 
+def _validate(config: dict, task, model, rank: int, world: int) -> dict[str, float]:
+    import ray.train
+
+    if not config["has_val"]:
+        return {}
+    model.eval()
+    # The trainer does not split validation (see trainer.build_trainer): every worker reads it
+    # whole and evaluates its part, so each image counts once and no worker runs out of rows.
+    part = (rank, world) if config.get("val_whole") else None
+    # The bare module: DDP's forward would broadcast buffers, a collective that ranks with
+    # different numbers of validation batches would never all reach.
+    return task.validate(getattr(model, "module", model), ray.train.get_dataset_shard("val"), part)
+
+
+def _update_state(t, state: dict, metrics: dict) -> bool:
+    """Best score, epochs without improvement, history; True when early stopping says stop."""
+    score = metrics.get(t.metric)
+    if score is None:
+        raise ValueError(f"train.metric: {t.metric!r} is not reported; have {sorted(metrics)}")
+    if _improved(score, state["best"], t.mode):
+        state["best"], state["bad_epochs"] = score, 0
+    else:
+        state["bad_epochs"] += 1
+    state["history"].append(metrics)
+    state["epoch"] += 1
+    return t.patience is not None and state["bad_epochs"] >= t.patience
+
+
+def _report(job: TrainJobConfig, config: dict, task, model, opt, state: dict, metrics: dict, rank: int) -> None:
+    """Every rank must call report; only rank 0 writes the checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            train_state = {"optimizer": opt.state_dict(),
+                           **{k: state[k] for k in ("epoch", "step", "best", "bad_epochs", "history")}}
+            Checkpoint.of(
+                model, job.model.model_dump(mode="json"), job.data.class_names, config["band_stats"],
+                task=task.name, ignore_index=job.data.ignore_index, bands=job.data.bands,
+                image_size=list(job.data.image_size) if job.data.image_size else None,
+                metrics=metrics, train_state=train_state,
+                category_ids=list(config["category_ids"]) if config.get("category_ids") is not None else None,
+            ).save(os.path.join(d, FILENAME))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import ray.train.torch
 
     job = TrainJobConfig.model_validate(config["job"])
-    band_stats = config["band_stats"]
     t = job.train
     torch.manual_seed(t.seed)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     use_amp = t.amp and device.type == "cuda"
-    task = make_task(job, band_stats, device, use_amp)
+    task = make_task(job, config["band_stats"], device, use_amp)
 
     model = task.build_model()
     if job.model.sync_batch_norm and world > 1:
@@ -177,48 +224,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
         done = _train_epoch(job, task, model, opt, scaler, state, epoch, config["plan"], upcoming)
         upcoming = _NextEpoch(task, epoch + 1) if epoch + 1 < t.epochs else None
         metrics = _epoch_metrics(epoch, done, rank, world)
-
-        model.eval()
-        val = ray.train.get_dataset_shard("val") if config["has_val"] else None
-        # The trainer does not split validation (see trainer.build_trainer): every worker reads it
-        # whole and evaluates its part, so each image counts once and no worker runs out of rows.
-        part = (rank, world) if config.get("val_whole") else None
-        # The bare module: DDP's forward would broadcast buffers, a collective that ranks with
-        # different numbers of validation batches would never all reach.
-        bare = getattr(model, "module", model)
-        val_metrics = task.validate(bare, val, part) if config["has_val"] else {}
-
-        metrics.update(val_metrics)
+        metrics.update(_validate(config, task, model, rank, world))
         if "resumed_from_epoch" in state:
             metrics["resumed_from_epoch"] = state["resumed_from_epoch"]
-        score = metrics.get(t.metric)
-        if score is None:
-            raise ValueError(f"train.metric: {t.metric!r} is not reported; have {sorted(metrics)}")
-        if _improved(score, state["best"], t.mode):
-            state["best"], state["bad_epochs"] = score, 0
-        else:
-            state["bad_epochs"] += 1
-        state["history"].append(metrics)
-        state["epoch"] = epoch + 1
-        stop = t.patience is not None and state["bad_epochs"] >= t.patience
-
-        # Every rank must call report; only rank 0 writes the checkpoint.
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if rank == 0:
-                train_state = {"optimizer": opt.state_dict(),
-                               **{k2: state[k2] for k2 in ("epoch", "step", "best", "bad_epochs", "history")}}
-                payload = make_payload(
-                    model, job.model.model_dump(mode="json"), job.data.class_names, band_stats, task=task.name,
-                    ignore_index=job.data.ignore_index, bands=job.data.bands,
-                    image_size=list(job.data.image_size) if job.data.image_size else None,
-                    metrics=metrics, train_state=train_state,
-                )
-                if config.get("category_ids") is not None:
-                    payload["category_ids"] = list(config["category_ids"])
-                save_payload(payload, os.path.join(d, FILENAME))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        stop = _update_state(t, state, metrics)
+        _report(job, config, task, model, opt, state, metrics, rank)
         if stop:
             break
     return state["history"]

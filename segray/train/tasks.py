@@ -19,6 +19,7 @@ Tasks run inside Ray Train workers, but import Ray only where they read a shard.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from segray.config import TrainJobConfig
 from segray.core.models import build_model
 from segray.io.fs import fsspec_options
+
+log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:
@@ -48,7 +51,7 @@ def take_part(batches: Iterable, part: tuple[int, int] | None) -> Iterator:
 
 
 def _storage_options(job: TrainJobConfig) -> dict:
-    url = job.model.weights or job.model.backbone_weights or ""
+    url = job.model.weights or getattr(job.model, "backbone_weights", None) or ""  # (Mask R-CNN only)
     return fsspec_options(url, job.data.storage) if url else {}
 
 
@@ -56,6 +59,21 @@ class SemanticTask:
     """Class maps: stacked image/mask tensors, a configured loss, a confusion matrix."""
 
     name = "semantic"
+
+    @staticmethod
+    def prepare(job: TrainJobConfig, decoded) -> TrainJobConfig:
+        """On the driver, before training: ``loss.class_weights: auto`` -> median-frequency
+        weights counted over the decoded training labels."""
+        from segray.core.losses import resolve_class_weights
+        from segray.data.plans import class_frequencies
+
+        if job.loss.class_weights != "auto":
+            return job
+        k = max(job.model.num_classes, 2)
+        pixels, image_pixels = class_frequencies(decoded, k, job.data.ignore_index)
+        weights = resolve_class_weights(job.loss, job.model.num_classes, pixels, image_pixels)
+        log.info("class weights (median frequency): %s", weights)
+        return job.model_copy(update={"loss": job.loss.model_copy(update={"class_weights": weights})})
 
     def __init__(self, job: TrainJobConfig, band_stats: dict, device: torch.device, use_amp: bool):
         from segray.core.losses import build_loss
@@ -159,6 +177,10 @@ class InstanceTask:
     """Mask R-CNN: list batches, torchvision's summed detection losses, COCO bbox/segm AP."""
 
     name = "instance"
+
+    @staticmethod
+    def prepare(job: TrainJobConfig, decoded) -> TrainJobConfig:
+        return job  # nothing to count: Mask R-CNN's losses take no class weights
     loss_names = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
     def __init__(self, job: TrainJobConfig, band_stats: dict, device: torch.device, use_amp: bool):
@@ -229,5 +251,10 @@ class InstanceTask:
         return result[0]
 
 
+# The training side of each model family, by the job's task (its data format and model family agree:
+# the config checks that). Inference's side is segray.infer.families.
+TASKS: dict[str, type] = {"semantic": SemanticTask, "instance": InstanceTask}
+
+
 def make_task(job: TrainJobConfig, band_stats: dict, device: torch.device, use_amp: bool):
-    return (InstanceTask if job.task == "instance" else SemanticTask)(job, band_stats, device, use_amp)
+    return TASKS[job.task](job, band_stats, device, use_amp)

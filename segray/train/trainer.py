@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -11,8 +10,8 @@ from segray.config import TrainJobConfig
 from segray.io.fs import join, pyarrow_fs
 from segray.runtime import model_runtime_env
 from segray.train.loop import train_loop_per_worker
+from segray.train.tasks import TASKS
 
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,7 +44,7 @@ def build_trainer(job: TrainJobConfig, datasets: dict, band_stats: dict, plan: d
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from segray.data.datasets import restart_epoch_count
+    from segray.data.plans import restart_epoch_count
 
     t = job.train
     fs, storage_path = pyarrow_fs(t.storage_path, job.data.storage)
@@ -82,20 +81,6 @@ def _url(storage_root: str, fs_path: str) -> str:
     return fs_path if not scheme or fs_path.startswith(scheme) else scheme + fs_path
 
 
-def resolve_class_weights(job: TrainJobConfig, decoded) -> TrainJobConfig:
-    """``loss.class_weights: auto`` -> median-frequency weights of the training labels."""
-    from segray.core.losses import resolve_class_weights as weights_for
-    from segray.data.datasets import class_frequencies
-
-    if job.loss.class_weights != "auto":
-        return job
-    k = max(job.model.num_classes, 2)
-    pixels, image_pixels = class_frequencies(decoded, k, job.data.ignore_index)
-    weights = weights_for(job.loss, job.model.num_classes, pixels, image_pixels)
-    log.info("class weights (median frequency): %s", weights)
-    return job.model_copy(update={"loss": job.loss.model_copy(update={"class_weights": weights})})
-
-
 def evaluate_test_set(job: TrainJobConfig, checkpoint: str, run_path: str) -> dict[str, Any]:
     """The best checkpoint on ``data.test_source``, through the inference pipeline (whole images,
     exactly as ``segray infer`` will see them); predictions land in ``<run>/test``."""
@@ -116,8 +101,7 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     data = build_datasets(job.data, seed=job.train.seed)
-    if job.task == "semantic":
-        job = resolve_class_weights(job, data.decoded)
+    job = TASKS[job.task].prepare(job, data.decoded)
     datasets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}
     plan = loop_plan(job, data.num_train)
     result = build_trainer(job, datasets, data.band_stats.to_dict(), plan, data.category_ids).fit()

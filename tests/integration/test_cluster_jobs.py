@@ -18,11 +18,11 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from segray.cluster_local import LocalCluster
 from segray.core.checkpoint import load_payload
-from segray.core.demo import DEMO_CLASSES, write_demo_dataset
+from segray.demo.scenes import DEMO_CLASSES, write_demo_dataset
 from segray.infer.nightly import committed_runs, read_committed
 from segray.io.fs import get_fs, pyarrow_fs
+from segray.testing.cluster import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(1800)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from segray.config import DemoJobConfig
-from segray.core.demo import DEMO_CLASSES
 from segray.demo import run_demo
+from segray.demo.scenes import DEMO_CLASSES
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -12,8 +12,8 @@ import psutil
 import pytest
 
 from segray.config import TrainJobConfig, build_config
-from segray.core.demo import DEMO_CLASSES, write_demo_dataset
-from segray.core.demo_instances import write_instance_demo_dataset
+from segray.demo.instance_scenes import write_instance_demo_dataset
+from segray.demo.scenes import DEMO_CLASSES, write_demo_dataset
 from segray.train.trainer import run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]

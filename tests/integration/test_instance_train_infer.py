@@ -32,7 +32,7 @@ from segray.core.checkpoint import FILENAME, load_payload
 from segray.core.instances import decode_rle, encode_rle
 from segray.core.models import build_model
 from segray.infer.pipeline import run_inference
-from segray.infer.steps import read_checkpoint
+from segray.infer.steps import open_checkpoint
 from segray.io.fs import get_fs, join, pyarrow_fs, read_bytes
 from segray.io.images import decode_image
 from segray.train.trainer import run_training
@@ -181,7 +181,8 @@ def test_inference_rows_equal_direct_forward_and_coco_round_trip(coco_run, tmp_p
     assert summary["num_with_ground_truth"] == 4 and summary["task"] == "instance"
     rows = pq.read_table(out / "predictions").to_pylist()
     assert len(rows) == 4
-    payload, ckpt_id = read_checkpoint(result.best_checkpoint)
+    ckpt = open_checkpoint(result.best_checkpoint)
+    payload, ckpt_id = ckpt.to_payload(), ckpt.id
     assert _check_rows_equal_direct_forward(rows, payload, lambda p: Path(p).read_bytes()) > 0
     coco = json.loads(coco_path.read_text())
     by_file = {im["file_name"].split("/")[-1]: im for im in coco["images"]}

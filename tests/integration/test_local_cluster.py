@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from segray.cluster_local import LocalCluster
+from segray.testing.cluster import LocalCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

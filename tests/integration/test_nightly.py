@@ -24,8 +24,8 @@ from PIL import Image
 
 from segray.config import ModelConfig, NightlyJobConfig, build_config
 from segray.core.checkpoint import FILENAME, make_payload
-from segray.core.demo import DEMO_CLASSES, make_scene
 from segray.core.models import build_model
+from segray.demo.scenes import DEMO_CLASSES, make_scene
 from segray.infer.nightly import SUCCESS, committed_runs, partition_url, read_committed, run_nightly
 from segray.io.fs import get_fs, join, write_bytes
 
@@ -212,3 +212,45 @@ def test_killed_driver_then_rerun_leaves_exactly_one_row_per_image(tmp_path, s3,
     assert table["run_date"].to_pylist().count("2025-02-02") == 40
     history = read_committed(n2.output, storage, columns=COLS, latest_only=False)
     assert history.num_rows == 44, "no image in two committed nights"
+
+
+def test_nights_of_an_instance_checkpoint_commit_instance_rows(tmp_path, ray_up):
+    """Nightly runs take any family: a Mask R-CNN checkpoint commits rows of its own schema, the
+    next night processes only what is new, and another family's checkpoint cannot join the output."""
+    from segray.config import ConfigError
+    from segray.infer.instance import INSTANCE_SCHEMA
+
+    archive, out = tmp_path / "archive", tmp_path / "nightly"
+    for i in range(3):
+        write_bytes(str(archive / f"img_{i}.png"), png(i))
+    cfg = ModelConfig(name="maskrcnn_resnet50_fpn", num_classes=2, trainable_backbone_layers=0, min_size=64,
+                      max_size=64, rpn_proposals_test=20, anchor_sizes=[8, 16, 32, 64, 128])
+    torch.manual_seed(0)
+    payload = make_payload(build_model(cfg).eval(), cfg.model_dump(mode="json"), ["background", "object"], None,
+                           task="instance")
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_bytes(str(tmp_path / "mrcnn" / FILENAME), buf.getvalue())
+
+    def night(date: str, checkpoint: str) -> NightlyJobConfig:
+        return build_config(NightlyJobConfig, {"source": {"images": str(archive)}, "checkpoint": checkpoint,
+                                               "output": str(out), "run_date": date, "batch_size": 2,
+                                               "num_actors": 1, "cpus_per_actor": 0.5})
+
+    s1 = run_nightly(night("2025-03-01", str(tmp_path / "mrcnn")))
+    assert (s1["status"], s1["processed"], s1["num_ok"]) == ("committed", 3, 3)
+    rec = json.loads((out / "run_date=2025-03-01" / SUCCESS).read_text())
+    assert rec["task"] == "instance" and rec["model_name"] == "maskrcnn_resnet50_fpn"
+    rows = read_committed(str(out))
+    assert rows.schema.names == INSTANCE_SCHEMA.names + ["run_date"]
+    assert rows.num_rows == 3 and set(rows["status"].to_pylist()) == {"ok"}
+
+    write_bytes(str(archive / "img_3.png"), png(3))
+    s2 = run_nightly(night("2025-03-02", str(tmp_path / "mrcnn")))
+    assert (s2["processed"], s2["done_before"]) == (1, 3)
+    assert read_committed(str(out), columns=["image_id", "num_instances"]).num_rows == 4
+
+    semantic = write_checkpoint(str(tmp_path / "unet"), None)
+    with pytest.raises(ConfigError, match="holds 'instance' rows"):
+        run_nightly(night("2025-03-03", semantic))
+    assert not (out / "run_date=2025-03-03").exists(), "refused before anything was written"

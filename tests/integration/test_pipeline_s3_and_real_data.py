@@ -9,8 +9,8 @@ import torch
 
 from segray.config import InferJobConfig, TrainJobConfig, build_config
 from segray.core.checkpoint import FILENAME, load_payload
-from segray.core.demo import DEMO_CLASSES, write_demo_dataset
 from segray.core.masks import decode_png
+from segray.demo.scenes import DEMO_CLASSES, write_demo_dataset
 from segray.infer.pipeline import run_inference
 from segray.io.fs import get_fs, join, pyarrow_fs, read_bytes
 from segray.train.trainer import run_training

@@ -28,7 +28,8 @@ from segray.core.tiling import blocks
 from segray.infer.scene_steps import MASK_NODATA
 from segray.infer.scenes import SCENE_SCHEMA, run_scenes
 from segray.io.fs import get_fs, pyarrow_fs
-from segray.io.raster import CogBlockWriter, gdal_env, is_cog, make_test_cog, open_info, scene_pattern
+from segray.io.raster import CogBlockWriter, gdal_env, is_cog, open_info
+from segray.testing.raster import make_test_cog, scene_pattern
 from segray.train.trainer import run_training
 from scenes_util import make_checkpoint, read_all, untiled_probabilities
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from segray.config import InferJobConfig, SourceConfig, TrainJobConfig, build_config
 from segray.core.checkpoint import FILENAME
-from segray.core.demo import DEMO_CLASSES, write_demo_dataset
 from segray.core.masks import decode_png
+from segray.demo.scenes import DEMO_CLASSES, write_demo_dataset
 from segray.infer.pipeline import run_inference
 from segray.infer.steps import Predictor
 from segray.io.images import decode_image

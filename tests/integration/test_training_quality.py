@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from segray.config import TrainJobConfig, build_config
-from segray.core.demo import DEMO_CLASSES, write_demo_dataset
 from segray.data.datasets import build_datasets
-from segray.train.trainer import build_trainer, loop_plan, resolve_class_weights, run_training
+from segray.demo.scenes import DEMO_CLASSES, write_demo_dataset
+from segray.train.tasks import SemanticTask
+from segray.train.trainer import build_trainer, loop_plan, run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -101,7 +102,7 @@ def test_class_weights_auto_equal_a_hand_computation(tmp_path, ray_local):
     job = _job(data["images"], data["masks"], str(tmp_path / "r"),
                ["loss.class_weights=auto", "train.metric=train_loss", "train.mode=min"], ignore_index=255,
                val_fraction=0.0)
-    resolved = resolve_class_weights(job, build_datasets(job.data, 0).decoded)
+    resolved = SemanticTask.prepare(job, build_datasets(job.data, 0).decoded)
 
     pixels, image_pixels = np.zeros(5), np.zeros(5)
     for p in masks:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,22 @@ import yaml
 from typer.testing import CliRunner
 
 from segray.cli import app
-from segray.config import ConfigError, InferJobConfig, TrainJobConfig, build_config, load_config
+from segray.config import (
+    ActorPoolConfig,
+    ConfigError,
+    DemoJobConfig,
+    ImagePoolConfig,
+    InferJobConfig,
+    MaskRCNNConfig,
+    ModelConfig,
+    NightlyJobConfig,
+    SceneInferJobConfig,
+    TorchvisionSegConfig,
+    TrainJobConfig,
+    UNetConfig,
+    build_config,
+    load_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MINIMAL = {"data": {"source": {"images": "imgs", "masks": "masks"}}}
@@ -101,3 +117,118 @@ def test_help_explains_every_command():
         assert cmd in result.output
     result = CliRunner().invoke(app, ["infer", "--help"])
     assert "--set" in result.output and "Parquet" in result.output
+
+
+# --------------------------------------------------------------------------- model configs (a union keyed by name)
+
+# What a checkpoint written before the per-model configs holds: the flat ModelConfig, every field.
+OLD_FLAT = {
+    "name": "unet", "in_channels": 3, "num_classes": 2, "depth": 4, "base_width": 32, "batch_norm": True,
+    "dropout": 0.0, "sync_batch_norm": False, "down": "maxpool", "up": "transpose", "weights": None,
+    "backbone_weights": None, "trainable_backbone_layers": 3, "frozen_batch_norm": False, "min_size": 800,
+    "max_size": 1333, "anchor_sizes": [32, 64, 128, 256, 512], "aspect_ratios": [0.5, 1.0, 2.0],
+    "box_score_thresh": 0.05, "box_nms_thresh": 0.5, "box_detections_per_img": 100, "mask_threshold": 0.5,
+    "rpn_proposals_train": 2000, "rpn_proposals_test": 1000, "box_batch_size_per_image": 512,
+}
+
+
+def test_model_section_picks_its_class_by_name():
+    assert type(build_config(TrainJobConfig, MINIMAL).model) is UNetConfig  # no model section at all
+    cfg = build_config(TrainJobConfig, MINIMAL, ["model.depth=2"])  # a section without name: unet
+    assert type(cfg.model) is UNetConfig and cfg.model.depth == 2
+    fcn = build_config(TrainJobConfig, MINIMAL, ["model.name=deeplabv3_resnet50"]).model
+    assert type(fcn) is TorchvisionSegConfig and set(fcn.model_dump()) == {
+        "name", "in_channels", "num_classes", "weights", "sync_batch_norm"}
+    mrcnn = build_config(TrainJobConfig, INSTANCE, ["model.min_size=128", "model.max_size=256"]).model
+    assert type(mrcnn) is MaskRCNNConfig and mrcnn.family == "instance" and mrcnn.min_size == 128
+    # a dump validates back to the same class (what Train workers and checkpoints receive)
+    assert TrainJobConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    # ModelConfig(...) and ModelConfig.model_validate dispatch the same way
+    assert type(ModelConfig(depth=2)) is UNetConfig and type(ModelConfig()) is UNetConfig
+    assert type(ModelConfig(name="maskrcnn_resnet50_fpn_v2", min_size=64, max_size=96)) is MaskRCNNConfig
+    assert type(ModelConfig.model_validate({"name": "fcn_resnet50"})) is TorchvisionSegConfig
+    assert isinstance(UNetConfig(), ModelConfig)
+
+
+@pytest.mark.parametrize("cfg, override, message", [
+    (MINIMAL, "model.min_size=256",
+     "model.min_size: not a field of model 'unet' (it belongs to maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)"),
+    (MINIMAL, "model.backbone_weights=w.pth", "model.backbone_weights: not a field of model 'unet'"),
+    (INSTANCE, "model.depth=3", "model.depth: not a field of model 'maskrcnn_resnet50_fpn' (it belongs to unet)"),
+    (MINIMAL, "model.dept=3", "model.dept: not a field of model 'unet' (its fields: name, in_channels,"),
+])
+def test_a_field_of_another_model_fails_on_one_line(cfg, override, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainJobConfig, cfg, [override])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip().startswith(message)  # "invalid config:" + one line
+    with pytest.raises(ConfigError, match="model.depth: not a field of model 'fcn_resnet50'"):
+        build_config(TrainJobConfig, {**MINIMAL, "model": {"name": "fcn_resnet50", "depth": 3}})
+    with pytest.raises(ConfigError, match="model: give a mapping"):
+        build_config(TrainJobConfig, {**MINIMAL, "model": "unet"})
+
+
+def test_every_example_config_loads():
+    """configs/*.yaml (written for the flat model section) load unchanged."""
+    jobs = {"demo_train": TrainJobConfig, "scenes_train": TrainJobConfig, "train_instance": TrainJobConfig,
+            "demo_infer": InferJobConfig, "infer_instance": InferJobConfig, "scenes_infer": SceneInferJobConfig,
+            "nightly": NightlyJobConfig}
+    assert {p.stem for p in (REPO / "configs").glob("*.yaml")} <= set(jobs)
+    for stem, cls in jobs.items():
+        path = REPO / "configs" / f"{stem}.yaml"
+        if path.exists():
+            load_config(cls, path)
+
+
+@pytest.mark.parametrize("name", ["unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn",
+                                  "maskrcnn_resnet50_fpn_v2"])
+def test_old_flat_checkpoint_dumps_still_load(name):
+    # Semantic configs used to accept (and ignore) Mask R-CNN fields, so old dumps may hold
+    # non-default values there too: any field another model owns is dropped.
+    dump = {**OLD_FLAT, "name": name, "depth": 2, "min_size": 512}
+    cfg = ModelConfig.from_checkpoint(dump)
+    assert cfg.name == name and set(cfg.model_dump()) == set(type(cfg).model_fields)
+    if name == "unet":
+        assert cfg.depth == 2
+    if name.startswith("maskrcnn"):
+        assert cfg.min_size == 512
+    # a new dump round-trips; a field no model knows still fails
+    assert ModelConfig.from_checkpoint(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ValueError, match="not a field of model"):
+        ModelConfig.from_checkpoint({**dump, "colour": "red"})
+    with pytest.raises(ValueError, match="not a field of model"):
+        ModelConfig.model_validate(dump)  # validating a config (not a checkpoint) stays strict
+
+
+def test_demo_model_follows_the_task():
+    assert type(build_config(DemoJobConfig, {}).model) is UNetConfig
+    assert type(build_config(DemoJobConfig, {}, ["task=instance"]).model) is MaskRCNNConfig
+    with pytest.raises(ConfigError, match="model.min_size: not a field of model 'unet'"):
+        build_config(DemoJobConfig, {}, ["model.min_size=128"])
+
+
+# --------------------------------------------------------------------------- shared job sections
+
+
+def test_inference_jobs_share_the_actor_pool_flat():
+    pool = {"batch_size": 4, "num_actors": 3, "num_gpus_per_actor": 0.5, "cpus_per_actor": 1.0, "cpus_per_task": 0.25}
+    base = {"source": {"images": "i"}, "checkpoint": "c", "output": "o"}
+    for cls in (InferJobConfig, SceneInferJobConfig, NightlyJobConfig):
+        assert issubclass(cls, ActorPoolConfig)
+        cfg = build_config(cls, {**base, **pool})  # the flat YAML shape of every earlier version
+        assert {k: getattr(cfg, k) for k in pool} == pool
+        assert not {"actors", "pool"} & set(cfg.model_dump())
+    assert SceneInferJobConfig(**base).batch_size == 8 and InferJobConfig(**base).batch_size == 16
+    nightly = build_config(NightlyJobConfig, {**base, **pool, "max_pixels": 1000})
+    infer = nightly.infer_config("out")
+    assert infer.output == "out" and {k: getattr(infer, k) for k in ImagePoolConfig.model_fields} == {
+        **pool, "max_pixels": 1000}
+
+
+def test_config_package_is_the_lowest_layer():
+    """segray.config imports nothing else of segray (and no torch): the model registry points at it."""
+    probe = ("import json, sys, segray.config\n"
+             "print(json.dumps([m for m in sys.modules if m.startswith(('segray', 'torch'))]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+    loaded = json.loads(out.stdout)
+    assert all(m == "segray" or m.startswith("segray.config") for m in loaded), loaded

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segray.core.demo import DEMO_CLASSES, make_scene, write_demo_dataset
 from segray.core.masks import class_fractions
+from segray.demo.scenes import DEMO_CLASSES, make_scene, write_demo_dataset
 
 K = len(DEMO_CLASSES)
 

@@ -11,11 +11,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segray.config import ConfigError, DemoJobConfig, InferJobConfig, TrainJobConfig, build_config, load_config
-from segray.core.demo_instances import (
-    INSTANCE_DEMO_CLASSES, label_components, make_instance_scene, write_instance_demo_dataset)
 from segray.core.instances import (
     CocoIndex, Instances, augment_instances, boxes_from_masks, coco_segmentation_rle, decode_rle, decode_rles,
     encode_rle, encode_rles, hflip, instances_from_coco, instances_from_id_mask, rot90, vflip)
+from segray.demo.instance_scenes import (
+    INSTANCE_DEMO_CLASSES, label_components, make_instance_scene, write_instance_demo_dataset)
 
 REPO = Path(__file__).resolve().parents[2]
 

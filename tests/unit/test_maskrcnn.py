@@ -70,6 +70,7 @@ def test_instance_steps_without_ray(tmp_path, shared_data):
     from segray.config import SourceConfig
     from segray.core.checkpoint import make_payload, save_payload
     from segray.core.instances import decode_rle
+    from segray.io.fs import list_samples
     from segray.infer.instance import INSTANCE_SCHEMA, InstancePredictor, encode_instances, instance_items, \
         read_decode_instances
 
@@ -80,8 +81,8 @@ def test_instance_steps_without_ray(tmp_path, shared_data):
     stats = {"mean": [110.0, 110.0, 100.0], "std": [60.0, 60.0, 60.0]}
     save_payload(make_payload(build_model(cfg), cfg.model_dump(mode="json"), names, stats, task="instance",
                               ignore_index=255), str(ckpt))
-    items, _, _ = instance_items(SourceConfig(images=str(voc / "JPEGImages"), masks=str(voc / "SegmentationObject")),
-                                 None, names, class_masks=str(voc / "SegmentationClass"))
+    source = SourceConfig(images=str(voc / "JPEGImages"), masks=str(voc / "SegmentationObject"))
+    items, _, _ = instance_items(list_samples(source), None, names, class_masks=str(voc / "SegmentationClass"))
     assert [i["class_mask"].endswith(f"SegmentationClass/{i['image_id']}.png") for i in items] == [True] * 3
     batch = {k: [it[k] for it in items] for k in items[0]}
     decoded = read_decode_instances(batch, num_classes=len(names), ignore_index=255)

@@ -1,16 +1,86 @@
+import dataclasses
+from typing import Union, get_args
+
 import pytest
 import torch
 
-from segray.config import LossConfig, ModelConfig
+from segray.config import (
+    MODEL_CONFIGS,
+    AnyModelConfig,
+    ConfigError,
+    LossConfig,
+    MaskRCNNConfig,
+    ModelConfig,
+    TorchvisionSegConfig,
+    TrainJobConfig,
+    UNetConfig,
+    build_config,
+)
 from segray.core.losses import build_loss
-from segray.core.models import MODELS, build_model, load_weights, num_output_channels
+from segray.core.models import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    load_weights,
+    model_family,
+    model_spec,
+    num_output_channels,
+    register_model,
+    tile_align,
+)
 from segray.core.models.unet import UNet
+from segray.infer.scene_steps import model_align
+
+ALL = {"unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
 
 
 def test_registry_lists_config_names():
-    assert set(MODELS) == {"unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
-    with pytest.raises(ValueError):
-        build_model(ModelConfig.model_construct(name="segformer"))
+    assert set(MODELS) == ALL
+    with pytest.raises(ValueError, match="unknown model 'segformer'"):
+        build_model(UNetConfig.model_construct(name="segformer"))
+
+
+def test_registry_and_config_union_agree():
+    """The names the config union accepts are the registry's, and each entry points at its class."""
+    assert set(MODELS) == set(MODEL_CONFIGS)
+    union = get_args(get_args(AnyModelConfig)[0])  # Annotated[Union[...], validator] -> the classes
+    assert get_args(AnyModelConfig)[0].__origin__ is Union and set(union) == set(MODEL_CONFIGS.values())
+    for name, spec in MODELS.items():
+        assert isinstance(spec, ModelSpec) and spec.name == name
+        assert spec.config is MODEL_CONFIGS[name] and spec.family == spec.config.family
+        assert ModelConfig(name=name).name == name  # every registered name validates ...
+        assert isinstance(ModelConfig(name=name), spec.config)  # ... as its registered class
+    # The config's error for an unknown name lists exactly the registry's names.
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainJobConfig, {"data": {"source": {"images": "i", "masks": "m"}}}, ["model.name=segformer"])
+    assert f"model.name: unknown model 'segformer'; available: {', '.join(sorted(MODELS))}" in str(err.value)
+    with pytest.raises(ValueError, match=", ".join(sorted(MODELS))):
+        model_spec("segformer")
+
+
+def test_specs_carry_family_and_align():
+    assert {n for n in MODELS if model_family(n) == "instance"} == {"maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
+    assert model_spec("unet").config is UNetConfig and model_spec("fcn_resnet50").config is TorchvisionSegConfig
+    assert model_spec("maskrcnn_resnet50_fpn_v2").config is MaskRCNNConfig
+    assert model_spec("maskrcnn_resnet50_fpn").handles_weights and not model_spec("unet").handles_weights
+    assert tile_align(UNetConfig(depth=3)) == 8 and tile_align(ModelConfig(depth=5)) == 32
+    assert tile_align(ModelConfig(name="deeplabv3_resnet50")) == tile_align({"name": "fcn_resnet50"}) == 8
+    assert tile_align(ModelConfig(name="maskrcnn_resnet50_fpn")) == 1
+    # scene tiling asks the registry, with a checkpoint's model_config (old flat dumps too)
+    assert model_align(UNetConfig(depth=2).model_dump(mode="json")) == 4
+    assert model_align({**MaskRCNNConfig(name="maskrcnn_resnet50_fpn").model_dump(), "name": "unet", "depth": 3}) == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model_spec("unet").align = 1  # type: ignore[misc]
+
+
+def test_register_model_checks_family_and_names():
+    with pytest.raises(ValueError, match="family 'instance'"):
+        register_model("unet_like", family="instance", config=UNetConfig)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("unet", config=UNetConfig)(lambda cfg: None)
+    assert set(MODELS) == ALL
+    with pytest.raises(TypeError, match="takes a UNetConfig"):
+        build_model(TorchvisionSegConfig.model_construct(name="unet", in_channels=3, num_classes=2))
 
 
 @pytest.mark.parametrize(

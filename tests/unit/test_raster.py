@@ -21,12 +21,11 @@ from segray.io.raster import (
     gdal_env,
     gdal_path,
     is_cog,
-    make_test_cog,
     open_info,
     read_window,
-    scene_pattern,
     write_cog,
 )
+from segray.testing.raster import make_test_cog, scene_pattern
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 ATLANTA = DATA / "spacenet4_atlanta_solaris"

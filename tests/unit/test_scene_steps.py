@@ -37,7 +37,8 @@ from segray.infer.scene_steps import (
     virtual_size,
     write_tiles,
 )
-from segray.io.raster import CogBlockWriter, is_cog, make_test_cog, open_info, scene_pattern
+from segray.io.raster import CogBlockWriter, is_cog, open_info
+from segray.testing.raster import make_test_cog, scene_pattern
 from scenes_util import make_checkpoint, read_all, untiled_probabilities
 
 REPO = Path(__file__).resolve().parents[2]

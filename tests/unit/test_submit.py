@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shlex
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,8 @@ from typer.testing import CliRunner
 
 from segray.cli import app
 from segray.config import ConfigError, InferJobConfig, NightlyJobConfig, TrainJobConfig, load_config
-from segray.submit import CONFIG_ENV, DEFAULT_EXCLUDES, JOBS, prepare
+from segray.jobs import JOBS
+from segray.submit import CONFIG_ENV, DEFAULT_EXCLUDES, prepare
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = dt.date(2025, 1, 31)
@@ -176,3 +180,39 @@ def test_dry_run_prints_the_submission_and_hides_secrets(tmp_path, monkeypatch):
     assert shown["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "***"
     assert "very-secret" not in result.output
     assert set(DEFAULT_EXCLUDES) <= set(shown["runtime_env"]["excludes"])
+
+
+def test_every_entrypoint_is_a_registered_job_and_runs_it():
+    scripts = {spec.script: name for name, spec in JOBS.items()}
+    assert sorted(scripts) == sorted(p.relative_to(REPO).as_posix() for p in (REPO / "jobs").glob("*.py"))
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for script, name in scripts.items():
+        spec = JOBS[name]
+        assert spec.name == name and spec.command in commands and spec.description
+        calls = rf"run_job\([\"']{re.escape(name)}[\"'], sys\.argv\[1:\]\)"
+        assert re.search(calls, (REPO / script).read_text()), script
+        if spec.fallback_script:
+            assert (REPO / spec.fallback_script).is_file()
+
+
+def _entrypoint(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_entrypoints_keep_the_command_line_of_their_segray_command(tmp_path):
+    cfg = _infer_yaml(tmp_path / "infer.yaml")
+    proc = _entrypoint("jobs/infer.py", cfg, "--set", "batch_size=3", "--print-config")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load(proc.stdout)["batch_size"] == 3
+    proc = _entrypoint("jobs/infer.py", cfg, "--set", "batch_size=0")
+    assert proc.returncode == 2 and "batch_size" in proc.stdout, proc.stdout + proc.stderr
+    assert _entrypoint("jobs/nightly.py").returncode == 2  # the config argument is required
+
+
+def test_train_instance_entrypoint_refuses_semantic_configs_before_any_work():
+    proc = _entrypoint("jobs/train_instance.py", "configs/demo_train.yaml", "--print-config")
+    assert proc.returncode == 2 and "error: data.format" in proc.stderr and "'instance_masks' or 'coco'" in proc.stderr
+    proc = _entrypoint("jobs/train_instance.py", "configs/train_instance.yaml", "--set", "train.epochs=2",
+                       "--print-config")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load(proc.stdout)["train"]["epochs"] == 2

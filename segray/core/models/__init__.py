@@ -1,32 +1,83 @@
-"""Model registry: ``build_model(ModelConfig)`` -> ``nn.Module`` returning logits ``[B, K, H, W]``.
+"""Model registry: ``build_model(cfg)`` -> ``nn.Module``; one ``ModelSpec`` per model name.
 
-Every model takes ``float32 [B, C, H, W]`` and returns logits at the input's ``H, W``;
-``K = num_classes`` (1 for binary, read as ``sigmoid > 0.5``).
+A builder registers with ``@register_model(name, family=..., align=..., config=...)`` (in the
+style of torchvision's ``@register_model``). Its entry says everything the rest of segray asks of
+a model without building it:
+
+- ``family``: ``"semantic"`` (takes ``float32 [B, C, H, W]``, returns logits ``[B, K, H, W]`` at
+  the input's ``H, W``; ``K = num_classes``, 1 for binary, read as ``sigmoid > 0.5``) or
+  ``"instance"`` (Mask R-CNN's list-of-images interface, see ``maskrcnn``);
+- ``align``: the output stride tile offsets must be multiples of for the pooling grids of
+  neighbouring tiles to line up (scene tiling); an int, or a function of the config;
+- ``config``: the model's config class in ``segray.config`` (the config layer cannot import this
+  registry, so the names ``AnyModelConfig`` accepts are listed there; a unit test checks the two
+  agree).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Union
 
 import fsspec
 import torch
 from torch import nn
 
-from segray.config import ModelConfig
+from segray.config import Family, ModelConfig
 
-ModelBuilder = Callable[[ModelConfig], nn.Module]
+ModelBuilder = Callable[..., nn.Module]  # (cfg) or, with handles_weights, (cfg, storage_options)
+Align = Union[int, Callable[[Any], int]]
 
-MODELS: dict[str, ModelBuilder] = {}
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its builder and what is known of it before it is built."""
+
+    name: str
+    builder: ModelBuilder
+    family: Family
+    align: Align
+    config: type[ModelConfig]
+    handles_weights: bool = False  # the builder loads cfg.weights itself (Mask R-CNN: its own rules)
+
+    def output_align(self, cfg: ModelConfig) -> int:
+        """``align`` for this config (U-Net: ``2**depth``)."""
+        return int(self.align(cfg) if callable(self.align) else self.align)
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, config: type[ModelConfig], family: Family | None = None, align: Align = 1,
+                   handles_weights: bool = False) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register the decorated builder as model ``name`` (``family`` defaults to the config class's)."""
+    family = family or config.family
+    if family != config.family:
+        raise ValueError(f"model {name!r}: family {family!r}, but {config.__name__} is a {config.family!r} config")
+
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
+        MODELS[name] = ModelSpec(name, builder, family, align, config, handles_weights)
         return builder
 
     return decorator
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
+def model_family(name: str) -> Family:
+    return model_spec(name).family
+
+
+def tile_align(model_config: ModelConfig | Mapping[str, Any]) -> int:
+    """The factor tile offsets must be multiples of, for a config or a checkpoint's ``model_config``."""
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_checkpoint(model_config)
+    return model_spec(cfg.name).output_align(cfg)
 
 
 def num_output_channels(cfg: ModelConfig) -> int:
@@ -52,12 +103,12 @@ def load_weights(model: nn.Module, path: str, storage_options: dict | None = Non
 
 def build_model(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Module:
     """Build ``cfg.name``; load ``cfg.weights`` (opened with ``storage_options``) when set."""
-    if cfg.name not in MODELS:
-        raise ValueError(f"unknown model {cfg.name!r}; available: {sorted(MODELS)}")
-    builder = MODELS[cfg.name]
-    if getattr(builder, "handles_weights", False):  # Mask R-CNN: full or backbone weights, its own rules
-        return builder(cfg, storage_options)
-    model = builder(cfg)
+    spec = model_spec(cfg.name)
+    if not isinstance(cfg, spec.config):
+        raise TypeError(f"model {cfg.name!r} takes a {spec.config.__name__}, got {type(cfg).__name__}")
+    if spec.handles_weights:
+        return spec.builder(cfg, storage_options)
+    model = spec.builder(cfg)
     if cfg.weights:
         load_weights(model, cfg.weights, storage_options)
     return model

@@ -1,4 +1,4 @@
-"""torchvision Mask R-CNN (ResNet-50 FPN, v1 and v2), built from ``ModelConfig``; nothing is downloaded.
+"""torchvision Mask R-CNN (ResNet-50 FPN, v1 and v2), built from ``MaskRCNNConfig``; nothing is downloaded.
 
 Unlike the semantic models, these take a *list* of ``float32 [C, H, W]`` images (any sizes) and,
 in training, a list of target dicts (``boxes`` xyxy, ``labels``, ``masks``); they return a dict
@@ -26,7 +26,7 @@ import fsspec
 import torch
 from torch import nn
 
-from segray.config import ModelConfig
+from segray.config import MaskRCNNConfig
 from segray.core.models import register_model
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_maskrcnn_weights(model: nn.Module, path: str, in_channels: int, storage
         log.info("%s: class layers %s re-initialised for num_classes", path, skipped)
 
 
-def _build(cfg: ModelConfig, v2: bool, storage_options: dict | None) -> nn.Module:
+def _build(cfg: MaskRCNNConfig, v2: bool, storage_options: dict | None) -> nn.Module:
     from torchvision.models import resnet50
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -140,18 +140,16 @@ def set_inference_limits(model: nn.Module, score_threshold: float | None = None,
         heads.detections_per_img = int(max_detections)
 
 
-@register_model("maskrcnn_resnet50_fpn")
-def build_maskrcnn_resnet50_fpn(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Module:
+# The builders load cfg.weights / cfg.backbone_weights themselves (not strictly): handles_weights.
+# align 1: every tile is resized (min_size/max_size), so no pooling grid lines up across tiles anyway.
+@register_model("maskrcnn_resnet50_fpn", family="instance", align=1, config=MaskRCNNConfig, handles_weights=True)
+def build_maskrcnn_resnet50_fpn(cfg: MaskRCNNConfig, storage_options: dict | None = None) -> nn.Module:
     return _build(cfg, v2=False, storage_options=storage_options)
 
 
-@register_model("maskrcnn_resnet50_fpn_v2")
-def build_maskrcnn_resnet50_fpn_v2(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Module:
+@register_model("maskrcnn_resnet50_fpn_v2", family="instance", align=1, config=MaskRCNNConfig, handles_weights=True)
+def build_maskrcnn_resnet50_fpn_v2(cfg: MaskRCNNConfig, storage_options: dict | None = None) -> nn.Module:
     return _build(cfg, v2=True, storage_options=storage_options)
 
-
-# build_model: these builders load cfg.weights / cfg.backbone_weights themselves (not strictly).
-build_maskrcnn_resnet50_fpn.handles_weights = True  # type: ignore[attr-defined]
-build_maskrcnn_resnet50_fpn_v2.handles_weights = True  # type: ignore[attr-defined]
 
 __all__ = ["load_maskrcnn_weights", "set_inference_limits"]

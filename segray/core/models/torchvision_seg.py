@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from segray.config import ModelConfig
+from segray.config import TorchvisionSegConfig
 from segray.core.models import register_model
 
 
@@ -22,7 +22,7 @@ class TorchvisionSegmentation(nn.Module):
         return self.net(x)["out"]
 
 
-def _build(factory: Callable[..., nn.Module], cfg: ModelConfig) -> TorchvisionSegmentation:
+def _build(factory: Callable[..., nn.Module], cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     # No weights at all: workers have no network, and RGB weights don't fit other band counts anyway.
     net = factory(weights=None, weights_backbone=None, num_classes=cfg.num_classes, aux_loss=False)
     if cfg.in_channels != 3:
@@ -33,16 +33,17 @@ def _build(factory: Callable[..., nn.Module], cfg: ModelConfig) -> TorchvisionSe
     return TorchvisionSegmentation(net)
 
 
-@register_model("fcn_resnet50")
-def build_fcn_resnet50(cfg: ModelConfig) -> TorchvisionSegmentation:
+# Dilated ResNet-50: output stride 8.
+@register_model("fcn_resnet50", family="semantic", align=8, config=TorchvisionSegConfig)
+def build_fcn_resnet50(cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     # Imported here so that importing the registry does not pay for torchvision.
     from torchvision.models.segmentation import fcn_resnet50
 
     return _build(fcn_resnet50, cfg)
 
 
-@register_model("deeplabv3_resnet50")
-def build_deeplabv3_resnet50(cfg: ModelConfig) -> TorchvisionSegmentation:
+@register_model("deeplabv3_resnet50", family="semantic", align=8, config=TorchvisionSegConfig)
+def build_deeplabv3_resnet50(cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     from torchvision.models.segmentation import deeplabv3_resnet50
 
     return _build(deeplabv3_resnet50, cfg)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segray.config import ModelConfig
+from segray.config import UNetConfig
 from segray.core.models import register_model
 
 
@@ -97,8 +97,9 @@ class UNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
-@register_model("unet")
-def build_unet(cfg: ModelConfig) -> UNet:
+# Tile offsets align to the deepest pooling grid: 2**depth.
+@register_model("unet", family="semantic", align=lambda cfg: 2**cfg.depth, config=UNetConfig)
+def build_unet(cfg: UNetConfig) -> UNet:
     return UNet(
         in_channels=cfg.in_channels,
         num_classes=cfg.num_classes,

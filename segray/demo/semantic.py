@@ -1,4 +1,4 @@
-"""The embedded default job: generated scenes -> Ray Train U-Net -> Ray Data inference -> report."""
+"""The semantic demo (``segray demo``): generated scenes -> Ray Train U-Net -> Ray Data inference -> report."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def demo_train_config(cfg: DemoJobConfig, train: dict[str, Any], val: dict[str, 
 
 def write_demo_splits(cfg: DemoJobConfig, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Training scenes and, from another seed, a quarter as many validation scenes."""
-    from segray.core.demo import write_demo_dataset
+    from segray.demo.scenes import write_demo_dataset
 
     n_val = max(1, cfg.num_images // 4)
     train = write_demo_dataset(root / "train", cfg.num_images - n_val, cfg.image_size, seed=cfg.seed)
@@ -53,15 +53,11 @@ def overlay_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarr
     return panels
 
 
-def run_demo(cfg: DemoJobConfig) -> dict[str, Any]:
+def run_semantic_demo(cfg: DemoJobConfig) -> dict[str, Any]:
     from segray.infer.pipeline import run_inference
     from segray.train.plots import plot_overlays
     from segray.train.trainer import run_training, summary_rows
 
-    if cfg.task == "instance":  # Mask R-CNN on separate objects: segray/demo_instance.py
-        from segray.demo_instance import run_instance_demo
-
-        return run_instance_demo(cfg)
     workdir = Path(cfg.workdir).resolve()
     console.rule("[bold]segray demo")
     train, val = write_demo_splits(cfg, workdir / "data")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["LocalCluster", "scripts_dir"]
 
-_REPO_SCRIPTS = Path(__file__).resolve().parent.parent / "cluster" / "local"
+_REPO_SCRIPTS = Path(__file__).resolve().parents[2] / "cluster" / "local"
 
 
 def scripts_dir() -> Path:

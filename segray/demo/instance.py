@@ -55,7 +55,7 @@ def instance_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndar
 
 
 def run_instance_demo(cfg: DemoJobConfig) -> dict[str, Any]:
-    from segray.core.demo_instances import write_instance_demo_dataset
+    from segray.demo.instance_scenes import write_instance_demo_dataset
     from segray.infer.export import export_coco
     from segray.infer.pipeline import run_inference
     from segray.train.plots import plot_overlays

@@ -10,11 +10,12 @@ a model has to use texture and shape, not a colour threshold.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from segray.demo.shapes import Curve, box_blur, fbm, main_road, shift, side_street
 
 DEMO_CLASSES = ["background", "building", "road", "water", "vegetation"]
 BACKGROUND, BUILDING, ROAD, WATER, VEGETATION = range(len(DEMO_CLASSES))
@@ -32,164 +33,6 @@ _ROOF_COLOURS = np.array(
 _WATER_COLOURS = np.array([(28, 50, 62), (32, 58, 56), (40, 62, 48)], dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- noise
-
-
-def _upsample(lattice: np.ndarray, h: int, w: int, cell: float, oy: float, ox: float) -> np.ndarray:
-    """Smoothstep interpolation of a lattice with one node every ``cell`` px, to [h, w]."""
-
-    def axis(n: int, off: float) -> tuple[np.ndarray, np.ndarray]:
-        t = (np.arange(n, dtype=np.float32) + off) / cell
-        i = t.astype(np.int64)
-        f = t - i
-        return i, f * f * (3 - 2 * f)
-
-    yi, fy = axis(h, oy)
-    xi, fx = axis(w, ox)
-    rows = lattice[:, xi]  # separable: along x first, then y, updated in place
-    rows += (lattice[:, xi + 1] - rows) * fx
-    out = rows[yi]
-    out += (rows[yi + 1] - out) * fy[:, None]
-    return out
-
-
-def _fbm(
-    h: int, w: int, cell: float, octaves: int, rng: np.random.Generator, gain: float = 0.5
-) -> np.ndarray:
-    """Multi-octave value noise, standardised to zero mean and unit std.
-
-    Octaves are summed on the finest lattice and upsampled once, so the full-resolution
-    cost is that of a single octave.
-    """
-    fine = max(cell / 2 ** (octaves - 1), 1.0)
-    gh, gw = int(h / fine) + 3, int(w / fine) + 3
-    grid = rng.random((gh, gw), dtype=np.float32)
-    for k in range(1, octaves):
-        step = 2.0**k
-        coarse = rng.random((int(gh / step) + 3, int(gw / step) + 3), dtype=np.float32)
-        grid = grid * gain + _upsample(coarse, gh, gw, step, *rng.random(2) * step)
-    out = _upsample(grid, h, w, fine, *rng.random(2) * fine)
-    return (out - out.mean()) / (out.std() + 1e-6)
-
-
-def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)^2 window via cumulative sums, edges replicated."""
-    k = 2 * r + 1
-    p = np.pad(a.astype(np.float32), r, mode="edge")
-    c = np.cumsum(np.pad(p, ((1, 0), (0, 0))), axis=0)
-    p = (c[k:] - c[:-k]) / k
-    c = np.cumsum(np.pad(p, ((0, 0), (1, 0))), axis=1)
-    return (c[:, k:] - c[:, :-k]) / k
-
-
-def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """``mask`` moved by (dy, dx) pixels, zero-filled (no wrap-around)."""
-    h, w = mask.shape
-    out = np.zeros_like(mask)
-    if abs(dy) >= h or abs(dx) >= w:
-        return out
-    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
-        max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
-    ]
-    return out
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-@dataclass
-class _Curve:
-    """A gently winding line v = amp * sin(2 pi u / wavelength + phase), in a frame rotated
-    by ``angle`` around (x0, y0), optionally cut to u in [u0, u1] (a street with ends)."""
-
-    x0: float
-    y0: float
-    angle: float
-    amp: float = 0.0
-    wavelength: float = 200.0
-    phase: float = 0.0
-    u0: float = -np.inf
-    u1: float = np.inf
-
-    def distance(self, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(approximate perpendicular distance, along-curve coordinate u) per pixel."""
-        c, s = math.cos(self.angle), math.sin(self.angle)
-        dx, dy = xx - self.x0, yy - self.y0
-        u = dx * c + dy * s
-        v = -dx * s + dy * c
-        if self.amp == 0:
-            d = np.abs(v)
-        else:
-            k = 2 * math.pi / self.wavelength
-            slope = (self.amp * k) * np.cos(k * u + self.phase)
-            d = np.abs(v - self.amp * np.sin(k * u + self.phase)) / np.sqrt(1 + slope**2)
-        if np.isfinite(self.u0):  # rounded ends beyond [u0, u1]
-            d = np.hypot(d, u - np.clip(u, self.u0, self.u1))
-        return d, u
-
-    def frame(self, u: float) -> tuple[float, float, float, float]:
-        """Point (x, y) and unit tangent (tx, ty) at coordinate u."""
-        c, s = math.cos(self.angle), math.sin(self.angle)
-        k = 2 * math.pi / self.wavelength
-        v = self.amp * math.sin(k * u + self.phase)
-        dv = self.amp * k * math.cos(k * u + self.phase)
-        tx, ty = c - dv * s, s + dv * c
-        n = math.hypot(tx, ty)
-        return self.x0 + u * c - v * s, self.y0 + u * s + v * c, tx / n, ty / n
-
-    def trim_at(self, blocked: np.ndarray, clearance: float = 4.0) -> None:
-        """End the curve ``clearance`` px before its centre line first meets ``blocked``."""
-        us = np.arange(self.u0, self.u1, 1.0)
-        pts = np.array([self.frame(u)[:2] for u in us]).round().astype(np.int64)
-        h, w = blocked.shape
-        ok = (pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)
-        hit = np.zeros(len(us), bool)
-        hit[ok] = blocked[pts[ok, 1], pts[ok, 0]]
-        if hit.any():
-            self.u1 = max(self.u0, float(us[hit.argmax()]) - clearance)
-
-    def window(self, h: int, w: int, margin: float) -> tuple[slice, slice]:
-        """Pixel window that holds the curve plus ``margin``."""
-        if not np.isfinite(self.u0):
-            return slice(0, h), slice(0, w)
-        (xa, ya, _, _), (xb, yb, _, _) = self.frame(self.u0), self.frame(self.u1)
-        m = margin + abs(self.amp)
-        return (
-            slice(int(np.clip(min(ya, yb) - m, 0, h)), int(np.clip(max(ya, yb) + m + 1, 0, h))),
-            slice(int(np.clip(min(xa, xb) - m, 0, w)), int(np.clip(max(xa, xb) + m + 1, 0, w))),
-        )
-
-
-def _main_road(h: int, w: int, rng: np.random.Generator) -> _Curve:
-    curvy = rng.random() < 0.45
-    return _Curve(
-        x0=rng.uniform(0.15, 0.85) * w,
-        y0=rng.uniform(0.15, 0.85) * h,
-        angle=rng.uniform(0, np.pi),
-        amp=rng.uniform(6, 28) if curvy else 0.0,
-        wavelength=rng.uniform(160, 420),
-        phase=rng.uniform(0, 2 * np.pi),
-    )
-
-
-def _side_street(parent: _Curve, h: int, w: int, rng: np.random.Generator) -> _Curve | None:
-    """A street leaving ``parent`` at about a right angle and ending after a while."""
-    for _ in range(8):
-        if np.isfinite(parent.u0):
-            u = parent.u0 + rng.uniform(0.1, 0.9) * (parent.u1 - parent.u0)
-        else:
-            u = rng.uniform(-0.6, 0.6) * max(h, w)
-        x, y, tx, ty = parent.frame(u)
-        if 0 <= x < w and 0 <= y < h:
-            side = 1.0 if rng.random() < 0.5 else -1.0
-            return _Curve(
-                x0=x, y0=y, angle=math.atan2(ty, tx) + side * np.pi / 2 + rng.normal(0, 0.06),
-                amp=rng.uniform(0, 8) if rng.random() < 0.3 else 0.0, wavelength=rng.uniform(120, 300),
-                u0=0.0, u1=rng.uniform(40, 150),
-            )
-    return None
-
-
 # --------------------------------------------------------------------------- layers
 
 
@@ -202,9 +45,9 @@ def _ground(
 ) -> np.ndarray:
     """Grass, dry grass and bare soil mixed at low frequency, with mottling and grain."""
     grass, dry, soil = _rgb(92, 110, 60, rng, 7), _rgb(140, 134, 90, rng, 7), _rgb(150, 128, 100, rng, 7)
-    t_dry = 1 / (1 + np.exp(-2.0 * (_fbm(h, w, 72, 3, rng) + rng.uniform(-0.8, 0.8))))
-    t_soil = np.clip(_fbm(h, w, 48, 3, rng) - rng.uniform(0.5, 1.5), 0, 1)
-    detail = 7 * _fbm(h, w, 10, 3, rng) + 5 * grain
+    t_dry = 1 / (1 + np.exp(-2.0 * (fbm(h, w, 72, 3, rng) + rng.uniform(-0.8, 0.8))))
+    t_soil = np.clip(fbm(h, w, 48, 3, rng) - rng.uniform(0.5, 1.5), 0, 1)
+    detail = 7 * fbm(h, w, 10, 3, rng) + 5 * grain
     if rng.random() < 0.5:  # ploughed furrows in the bare patches
         a = rng.uniform(0, np.pi)
         detail += 5 * t_soil * np.sin((xx * math.cos(a) + yy * math.sin(a)) * rng.uniform(1.2, 2.0))
@@ -217,10 +60,10 @@ def _paint_water(img, mask, xx, yy, grain, rng) -> np.ndarray:
     """Lakes (wobbly ellipses) and rivers, shallow and muddy at the shore, rippled."""
     h, w = mask.shape
     water = np.zeros((h, w), bool)
-    wobble = _fbm(h, w, 14, 3, rng)
+    wobble = fbm(h, w, 14, 3, rng)
     for _ in range(max(1, rng.poisson(0.7 * h * w / _REF_AREA))):
         if rng.random() < 0.3:  # a river
-            d, _ = _main_road(h, w, rng).distance(xx, yy)
+            d, _ = main_road(h, w, rng).distance(xx, yy)
             water |= d < rng.uniform(5, 12) * (1 + 0.15 * wobble)
             continue
         cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
@@ -233,7 +76,7 @@ def _paint_water(img, mask, xx, yy, grain, rng) -> np.ndarray:
         dx, dy = xx[win] - cx, yy[win] - cy
         u, v = dx * math.cos(a) + dy * math.sin(a), -dx * math.sin(a) + dy * math.cos(a)
         water[win] |= np.hypot(u / rx, v / ry) + 0.22 * wobble[win] < 1
-    depth = np.clip(_box_blur(water, 5) * 1.6 - 0.6, 0, 1)[water][:, None]  # 0 at the shore
+    depth = np.clip(box_blur(water, 5) * 1.6 - 0.6, 0, 1)[water][:, None]  # 0 at the shore
     # deep blue, blue-green or murky green: water is not one colour either
     deep = _rgb(*_WATER_COLOURS[rng.integers(len(_WATER_COLOURS))], rng, 4)
     shallow = deep + _rgb(38, 34, 12, rng, 5)
@@ -248,7 +91,7 @@ def _paint_water(img, mask, xx, yy, grain, rng) -> np.ndarray:
 def _paint_vegetation(img, mask, water, rng, sun: tuple[int, int]) -> None:
     """Tree clusters (thresholded noise) and single trees, with clumpy crowns and shadows."""
     h, w = mask.shape
-    field = _fbm(h, w, 26, 4, rng, gain=0.6)
+    field = fbm(h, w, 26, 4, rng, gain=0.6)
     trees = field > np.quantile(field[::4, ::4], 1 - rng.uniform(0.08, 0.28))  # subsampled: cheap
     ys, xs = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
     n = rng.poisson(12 * h * w / _REF_AREA)
@@ -257,20 +100,20 @@ def _paint_vegetation(img, mask, water, rng, sun: tuple[int, int]) -> None:
         sx = slice(int(max(x - r, 0)), int(min(x + r + 1, w)))
         trees[sy, sx] |= np.hypot(ys[sy] - y, xs[:, sx] - x) < r
     trees &= ~water
-    crowns = np.clip(0.5 + 0.3 * _fbm(h, w, 3.5, 2, rng)[trees], 0, 1)[:, None]
+    crowns = np.clip(0.5 + 0.3 * fbm(h, w, 3.5, 2, rng)[trees], 0, 1)[:, None]
     dark, light = _rgb(38, 62, 36, rng, 4), _rgb(80, 104, 52, rng, 5)
-    img[_shift(trees, *sun) & ~trees] *= 0.62
+    img[shift(trees, *sun) & ~trees] *= 0.62
     img[trees] = dark + (light - dark) * crowns
     mask[trees] = VEGETATION
 
 
-def _paint_roads(img, mask, water, xx, yy, grain, rng) -> tuple[list[tuple[_Curve, float]], np.ndarray]:
+def _paint_roads(img, mask, water, xx, yy, grain, rng) -> tuple[list[tuple[Curve, float]], np.ndarray]:
     """Main roads across the scene and side streets off them; returns (curve, half width)."""
     h, w = mask.shape
     area = h * w / _REF_AREA
-    curves = [(_main_road(h, w, rng), rng.uniform(3.5, 5.5)) for _ in range(1 + rng.poisson(0.25 * area))]
+    curves = [(main_road(h, w, rng), rng.uniform(3.5, 5.5)) for _ in range(1 + rng.poisson(0.25 * area))]
     for _ in range(rng.poisson(0.8 * area)):
-        street = _side_street(curves[int(rng.integers(len(curves)))][0], h, w, rng)
+        street = side_street(curves[int(rng.integers(len(curves)))][0], h, w, rng)
         if street is not None:
             curves.append((street, rng.uniform(2.5, 3.5)))
     keepout = np.zeros((h, w), bool)
@@ -366,7 +209,7 @@ def _building(img, mask, taken, grain, rng, centre, tangent, dims, side, sun_dir
         return
     shadow = np.zeros_like(inside)
     for f in (0.5, 1.0):  # sweep the footprint along the sun direction
-        shadow |= _shift(inside, round(sun_dir[0] * height * f), round(sun_dir[1] * height * f))
+        shadow |= shift(inside, round(sun_dir[0] * height * f), round(sun_dir[1] * height * f))
     shadow &= ~inside
 
     roof = _ROOF_COLOURS[rng.integers(len(_ROOF_COLOURS))] + rng.normal(0, 7, 3).astype(np.float32)

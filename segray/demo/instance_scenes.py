@@ -1,6 +1,6 @@
 """Synthetic aerial scenes with *separate objects* (buildings, fields, vehicles) for the instance demo.
 
-The ground, trees, roads and houses are painted by :mod:`segray.core.demo`; this module adds
+The ground, trees, roads and houses are painted by :mod:`segray.demo.scenes`; this module adds
 crop fields (striped parcels, under everything else) and vehicles (small bright boxes on the
 roads), and records one id per visible object. Each scene gives an RGB image, an instance-id
 map (0 background, 1..N) and a class map (``INSTANCE_DEMO_CLASSES``).
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segray.core.demo import BUILDING, ROAD, VEGETATION, _ground, _paint_buildings, _paint_roads, _paint_vegetation
+from segray.demo.scenes import BUILDING, ROAD, VEGETATION, _ground, _paint_buildings, _paint_roads, _paint_vegetation
 from segray.core.instances import encode_rles
 
 INSTANCE_DEMO_CLASSES = ["background", "building", "field", "vehicle"]
@@ -109,7 +109,7 @@ def make_instance_scene(size: int | tuple[int, int], rng: np.random.Generator) -
     img = _ground(h, w, xx, yy, grain, rng)
     field_ids = np.zeros((h, w), np.int32)
     n_fields = _paint_fields(img, field_ids, xx, yy, grain, rng)
-    scratch = np.zeros((h, w), np.uint8)  # segray.core.demo classes, painted last wins
+    scratch = np.zeros((h, w), np.uint8)  # segray.demo.scenes classes, painted last wins
     water = np.zeros((h, w), bool)
     _paint_vegetation(img, scratch, water, rng, sun)
     roads, keepout = _paint_roads(img, scratch, water, xx, yy, grain, rng)

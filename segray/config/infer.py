@@ -1,0 +1,153 @@
+"""Inference jobs: images (``segray infer``), GeoTIFF/COG scenes (``segray segment-scenes``) and
+the nightly incremental run over an archive (``segray nightly``).
+
+The three share their actor pool (``ActorPoolConfig``: the model's actors and the CPU tasks
+around them) and two share the instance limits (``InstanceLimitsConfig``); both are mixins, so
+their fields stay flat in each job's YAML.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from segray.config.base import _Strict
+from segray.config.data import SourceConfig, StorageOptions
+
+
+class ActorPoolConfig(_Strict):
+    """The model's actor pool (Ray Data ``ActorPoolStrategy``) and the CPU tasks around it."""
+
+    batch_size: int = Field(default=16, gt=0, description="images per model batch")
+    num_actors: int = Field(default=2, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    cpus_per_actor: float = Field(default=0.5, gt=0)
+    cpus_per_task: float = Field(default=0.5, gt=0, description="decode/encode tasks")
+
+
+class ImagePoolConfig(ActorPoolConfig):
+    """The actor pool of whole-image inference, with its image size cap."""
+
+    max_pixels: int = Field(default=64_000_000, gt=0, description="larger images become error rows")
+
+
+class InstanceLimitsConfig(_Strict):
+    """Instance (Mask R-CNN) checkpoints only: overrides of the limits the checkpoint was trained with."""
+
+    score_threshold: Optional[float] = Field(
+        default=None, ge=0, le=1, description="instances: minimum score (default: the checkpoint's box_score_thresh)")
+    max_detections: Optional[int] = Field(
+        default=None, gt=0, description="instances: most per image or tile (default: the checkpoint's "
+        "box_detections_per_img)")
+    mask_threshold: Optional[float] = Field(
+        default=None, gt=0, lt=1, description="instances: mask probability cut (default: the checkpoint's)")
+
+
+class InferJobConfig(InstanceLimitsConfig, ImagePoolConfig):
+    source: SourceConfig
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="output directory (local or s3://) for predictions.parquet and summary")
+    overwrite: bool = False
+    # ---- instance checkpoints (Mask R-CNN) only; with one, source.masks are instance-id maps
+    coco_json: Optional[str] = Field(
+        default=None, description="instance ground truth as COCO JSON (matched by file_name); adds COCO metrics")
+    class_masks: Optional[str] = Field(
+        default=None, description="class maps for instance-id ground truth in source.masks (paired by stem)")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+
+class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
+    """Segment GeoTIFF/COG scenes of any size: tiles with overlap -> actor pool -> blended,
+    georeferenced outputs per scene (COG mask, optional probabilities, Parquet rows, polygons).
+
+    Stitching is exact for a fully-convolutional model when ``margin`` covers the model's
+    receptive-field radius and ``overlap > 2 * margin`` (U-Net, maxpool/transpose: radius
+    ``6 * 2**depth - 2`` px, e.g. 22 for depth 2, 46 for depth 3); smaller margins still blend
+    seam-free but differ slightly from an untiled pass near tile edges.
+    """
+
+    source: SourceConfig = Field(description="scenes (.tif/.png/...); masks, if given, are ground truth for metrics")
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="output folder, local or s3://")
+    tile_size: int = Field(default=512, ge=32)
+    overlap: int = Field(default=128, ge=0)
+    margin: int = Field(default=32, ge=0, description="tile-edge pixels given ~0 weight (receptive-field radius)")
+    blend: Literal["cosine", "linear"] = "cosine"
+    tile_align: Optional[int] = Field(
+        default=None, gt=0, description="tile offsets are multiples of this; None = the model's downsampling factor")
+    block_size: int = Field(default=512, ge=128, description="output COG block = stitching block (multiple of 16)")
+    bands: Optional[list[int]] = Field(default=None, description="0-based bands, in order; None = the checkpoint's")
+    nodata: Optional[float] = Field(default=None, description="input nodata value; overrides the files' own tag when set")
+    label_values: Optional[dict[int, int]] = Field(default=None, description="ground truth value -> class id")
+    label_nodata: Optional[int] = Field(default=None, description="ground truth value excluded from metrics")
+    write_probabilities: bool = False
+    probabilities_dtype: Literal["uint8", "float32"] = Field(
+        default="uint8", description="uint8: round(p * 254), nodata 255; float32: p, nodata NaN")
+    per_tile_rows: bool = Field(default=False, description="also write tiles.parquet, one row per tile")
+    polygons: bool = True
+    min_polygon_pixels: int = Field(default=0, ge=0, description="drop smaller polygons (after merging)")
+    polygon_max_vertices: int = Field(
+        default=100_000, gt=0, description="a region growing past this many vertices (e.g. a class percolating "
+        "through the scene as one web with countless holes) is emitted as its per-block pieces, flagged whole=false; "
+        "so are the largest open regions while those pending hold over 20x this many (memory bound)")
+    compress: Literal["deflate", "lzw", "zstd", "none"] = "deflate"
+    work_dir: Optional[str] = Field(
+        default=None, description="per-tile probabilities between predict and stitch; default <output>/_work. "
+        "Must be reachable from every node (object storage or a shared filesystem)")
+    keep_work: bool = False
+    # the actor pool (ActorPoolConfig), with its own batch default and task description
+    batch_size: int = Field(default=8, gt=0, description="tiles per model batch")
+    cpus_per_task: float = Field(default=0.5, gt=0, description="read, write and stitch tasks")
+    max_stitch_tasks: int = Field(default=2, gt=0, description="scenes stitched at once")
+    gdal_cache_mb: int = Field(
+        default=64, gt=0, description="GDAL block cache per worker process (GDAL's default, 5% of RAM, grows "
+        "with every block read or written until full)")
+    # ---- instance (Mask R-CNN) checkpoints only
+    merge_ios: float = Field(
+        default=0.5, gt=0, le=1, description="instances: merge detections from different tiles whose masks overlap "
+        "by at least this fraction of the smaller one")
+    write_instances: bool = Field(default=True, description="instances: also write instances/<scene>.tif (uint32 ids)")
+    overwrite: bool = False
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SceneInferJobConfig":
+        if self.overlap >= self.tile_size:
+            raise ValueError(f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
+        if self.margin and self.overlap <= 2 * self.margin:
+            raise ValueError(f"margin: need overlap > 2 * margin (overlap {self.overlap}, margin {self.margin})")
+        if self.block_size % 16:
+            raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
+        return self
+
+
+class NightlyJobConfig(ImagePoolConfig):
+    """Nightly incremental inference over a growing archive (``segray nightly``, jobs/nightly.py).
+
+    Each run lists the archive, skips every image whose (path, size, etag/mtime) a committed
+    earlier run already processed, segments the rest into ``<output>/run_date=YYYY-MM-DD/`` and
+    commits the partition with a ``_SUCCESS`` record written last (segray/infer/nightly.py).
+    Only semantic checkpoints; the actor settings mean what they mean in InferJobConfig.
+    """
+
+    source: SourceConfig = Field(description="the archive: images (a folder/prefix), glob, or manifest")
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="root of the partitioned output, local or s3:// (run_date=YYYY-MM-DD/ below)")
+    run_date: Optional[_dt.date] = Field(
+        default=None, description="the night to run (YYYY-MM-DD); default: today in UTC. Set it for backfills")
+    rebuild: bool = Field(
+        default=False, description="rerun a night that is already committed (default: rerunning it is a no-op)")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    def night(self) -> _dt.date:
+        return self.run_date or _dt.datetime.now(_dt.timezone.utc).date()
+
+    def infer_config(self, output: str) -> InferJobConfig:
+        """The InferJobConfig of one night (same source, checkpoint and actor settings)."""
+        keep = ("source", "checkpoint", "storage", *ImagePoolConfig.model_fields)
+        return InferJobConfig(output=output, **{k: getattr(self, k) for k in keep})
+
+
+# --------------------------------------------------------------------------- loading

@@ -123,13 +123,14 @@ class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
         return self
 
 
-class NightlyJobConfig(ImagePoolConfig):
+class NightlyJobConfig(InstanceLimitsConfig, ImagePoolConfig):
     """Nightly incremental inference over a growing archive (``segray nightly``, jobs/nightly.py).
 
     Each run lists the archive, skips every image whose (path, size, etag/mtime) a committed
     earlier run already processed, segments the rest into ``<output>/run_date=YYYY-MM-DD/`` and
     commits the partition with a ``_SUCCESS`` record written last (segray/infer/nightly.py).
-    Only semantic checkpoints; the actor settings mean what they mean in InferJobConfig.
+    A checkpoint of any model family (one family per output); the actor settings and the
+    instance limits mean what they mean in InferJobConfig.
     """
 
     source: SourceConfig = Field(description="the archive: images (a folder/prefix), glob, or manifest")
@@ -146,7 +147,7 @@ class NightlyJobConfig(ImagePoolConfig):
 
     def infer_config(self, output: str) -> InferJobConfig:
         """The InferJobConfig of one night (same source, checkpoint and actor settings)."""
-        keep = ("source", "checkpoint", "storage", *ImagePoolConfig.model_fields)
+        keep = ("source", "checkpoint", "storage", *ImagePoolConfig.model_fields, *InstanceLimitsConfig.model_fields)
         return InferJobConfig(output=output, **{k: getattr(self, k) for k in keep})
 
 

@@ -13,7 +13,7 @@ import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import fsspec
@@ -339,15 +339,32 @@ def _manifest(source: SourceConfig, storage: StorageOptions | None) -> list[tupl
     return out
 
 
+def _folder_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+    return [(url, rel, None) for url, rel in _folder(source, storage)]
+
+
+def _glob_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+    return [(url, rel, None) for url, rel in _glob(source, storage)]
+
+
+# The one seam of inputs: a lister per kind of source, each giving (image URL, id path, its mask
+# URL or None) in a stable order. A catalog (STAC items and their assets) is one more entry and
+# one more SourceConfig field; everything downstream reads Samples.
+LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], list[tuple[str, str, Optional[str]]]]] = {
+    "images": _folder_rows, "glob": _glob_rows, "manifest": _manifest,
+}
+
+
+def source_kind(source: SourceConfig) -> str:
+    return next(kind for kind in LISTERS if getattr(source, kind, None))
+
+
 def list_samples(source: SourceConfig, storage: StorageOptions | None = None) -> list[Sample]:
-    """Image (and mask) URLs named by ``source``; masks not found are None (the caller decides)."""
-    if source.manifest:
-        rows = _manifest(source, storage)
-        explicit = {img: m for img, _, m in rows}
-        items = _unique_ids([(img, rel) for img, rel, _ in rows])
-    else:
-        explicit = {}
-        items = _unique_ids(_folder(source, storage) if source.images else _glob(source, storage))
+    """Image (and mask) URLs named by ``source``; masks not found are None (the caller decides).
+    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``."""
+    rows = LISTERS[source_kind(source)](source, storage)
+    explicit = {img: m for img, _, m in rows if m}
+    items = _unique_ids([(img, rel) for img, rel, _ in rows])
     if source.limit:
         items = items[: source.limit]
     masks = _mask_index(source, storage) if source.masks else {}

@@ -235,7 +235,8 @@ def test_nights_of_an_instance_checkpoint_commit_instance_rows(tmp_path, ray_up)
     def night(date: str, checkpoint: str) -> NightlyJobConfig:
         return build_config(NightlyJobConfig, {"source": {"images": str(archive)}, "checkpoint": checkpoint,
                                                "output": str(out), "run_date": date, "batch_size": 2,
-                                               "num_actors": 1, "cpus_per_actor": 0.5})
+                                               "num_actors": 1, "cpus_per_actor": 0.5, "score_threshold": 0.0,
+                                               "max_detections": 5})
 
     s1 = run_nightly(night("2025-03-01", str(tmp_path / "mrcnn")))
     assert (s1["status"], s1["processed"], s1["num_ok"]) == ("committed", 3, 3)
@@ -244,6 +245,8 @@ def test_nights_of_an_instance_checkpoint_commit_instance_rows(tmp_path, ray_up)
     rows = read_committed(str(out))
     assert rows.schema.names == INSTANCE_SCHEMA.names + ["run_date"]
     assert rows.num_rows == 3 and set(rows["status"].to_pylist()) == {"ok"}
+    limits = night("2025-03-01", "c").infer_config("o")
+    assert (limits.score_threshold, limits.max_detections) == (0.0, 5), "a night's instance limits reach its run"
 
     write_bytes(str(archive / "img_3.png"), png(3))
     s2 = run_nightly(night("2025-03-02", str(tmp_path / "mrcnn")))

@@ -1,4 +1,4 @@
-"""Model families and row sinks: the seams the pipelines are wired through (no Ray needed here)."""
+"""Model families, input listers and row sinks: the seams the pipelines are wired through (no Ray here)."""
 
 from __future__ import annotations
 
@@ -101,3 +101,22 @@ def test_every_registered_model_family_has_its_training_and_inference_parts():
     for name in families:
         assert family_of(name).name == name and family_of(name).scenes is not None, name
         assert TASKS[name].name == name, name
+
+
+def test_every_kind_of_source_has_one_lister(tmp_path):
+    from segray.config import SourceConfig
+    from segray.io.fs import LISTERS, list_samples, source_kind
+
+    (tmp_path / "img").mkdir()
+    for name in ("b.png", "a.png", "notes.txt"):
+        (tmp_path / "img" / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("image,mask\nimg/b.png,img/a.png\n")
+    sources = {"images": SourceConfig(images=str(tmp_path / "img")),
+               "glob": SourceConfig(glob=str(tmp_path / "img" / "*.png")),
+               "manifest": SourceConfig(manifest=str(tmp_path / "list.csv"))}
+    assert set(LISTERS) == set(sources)
+    assert {kind: source_kind(src) for kind, src in sources.items()} == {k: k for k in sources}
+    assert [s.image_id for s in list_samples(sources["images"])] == ["a", "b"], "listing order is stable"
+    assert [s.image_id for s in list_samples(sources["glob"])] == ["a", "b"]
+    (only,) = list_samples(sources["manifest"])
+    assert only.image.endswith("img/b.png") and only.mask.endswith("img/a.png")

@@ -37,6 +37,7 @@ from segray.config.demo import DEMO_OPTIM, DEMO_TRAIN, DemoJobConfig, demo_insta
 from segray.config.infer import (
     ActorPoolConfig,
     ImagePoolConfig,
+    ImageRunConfig,
     InferJobConfig,
     InstanceLimitsConfig,
     NightlyJobConfig,
@@ -70,7 +71,7 @@ __all__ = [
     "load_config", "parse_overrides",
     "AugmentConfig", "BandStatsConfig", "ChipsConfig", "DataConfig", "SourceConfig", "StorageOptions",
     "DEMO_OPTIM", "DEMO_TRAIN", "DemoJobConfig", "demo_instance_model",
-    "ActorPoolConfig", "ImagePoolConfig", "InferJobConfig", "InstanceLimitsConfig", "NightlyJobConfig",
+    "ActorPoolConfig", "ImagePoolConfig", "ImageRunConfig", "InferJobConfig", "InstanceLimitsConfig", "NightlyJobConfig",
     "SceneInferJobConfig",
     "DEFAULT_MODEL", "INSTANCE_MODELS", "MODEL_CONFIGS", "SEMANTIC_MODELS", "AnyModelConfig", "Family",
     "MaskRCNNConfig", "ModelConfig", "TorchvisionSegConfig", "UNetConfig", "model_config_class", "model_names",

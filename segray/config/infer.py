@@ -2,14 +2,15 @@
 the nightly incremental run over an archive (``segray nightly``).
 
 The three share their actor pool (``ActorPoolConfig``: the model's actors and the CPU tasks
-around them) and two share the instance limits (``InstanceLimitsConfig``); both are mixins, so
-their fields stay flat in each job's YAML.
+around them) and the instance limits (``InstanceLimitsConfig``). ``segray infer`` and
+``segment-scenes`` take them as mixins (flat in their YAML); a nightly run contains the images
+run settings as its ``infer`` section (``ImageRunConfig``, exactly what ``segray infer`` takes).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -45,7 +46,13 @@ class InstanceLimitsConfig(_Strict):
         default=None, gt=0, lt=1, description="instances: mask probability cut (default: the checkpoint's)")
 
 
-class InferJobConfig(InstanceLimitsConfig, ImagePoolConfig):
+class ImageRunConfig(InstanceLimitsConfig, ImagePoolConfig):
+    """How whole images are run through a model: the actor pool, the image size cap and the
+    instance limits. ``segray infer`` has these fields at its top level; a nightly run's ``infer``
+    section is one."""
+
+
+class InferJobConfig(ImageRunConfig):
     source: SourceConfig
     checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
     output: str = Field(description="output directory (local or s3://) for predictions.parquet and summary")
@@ -123,14 +130,15 @@ class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
         return self
 
 
-class NightlyJobConfig(InstanceLimitsConfig, ImagePoolConfig):
+class NightlyJobConfig(_Strict):
     """Nightly incremental inference over a growing archive (``segray nightly``, jobs/nightly.py).
 
     Each run lists the archive, skips every image whose (path, size, etag/mtime) a committed
     earlier run already processed, segments the rest into ``<output>/run_date=YYYY-MM-DD/`` and
     commits the partition with a ``_SUCCESS`` record written last (segray/infer/nightly.py).
-    A checkpoint of any model family (one family per output); the actor settings and the
-    instance limits mean what they mean in InferJobConfig.
+    A checkpoint of any model family (one family per output). ``infer`` holds the run settings of
+    ``segray infer`` (actor pool, image size cap, instance limits); configs that give them at the
+    top level, as before, still load.
     """
 
     source: SourceConfig = Field(description="the archive: images (a folder/prefix), glob, or manifest")
@@ -140,15 +148,34 @@ class NightlyJobConfig(InstanceLimitsConfig, ImagePoolConfig):
         default=None, description="the night to run (YYYY-MM-DD); default: today in UTC. Set it for backfills")
     rebuild: bool = Field(
         default=False, description="rerun a night that is already committed (default: rerunning it is a no-op)")
+    infer: ImageRunConfig = Field(default_factory=ImageRunConfig, description="how the night's images are run")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_run_settings(cls, data: Any) -> Any:
+        """The settings at the top level (the shape before ``infer``) move into ``infer``."""
+        if not isinstance(data, dict):
+            return data
+        flat = {k: data[k] for k in ImageRunConfig.model_fields if k in data}
+        if not flat:
+            return data
+        nested = data.get("infer")
+        if nested is not None and not isinstance(nested, dict):
+            return data  # a built ImageRunConfig: validation reports the extra fields
+        both = sorted(set(flat) & set(nested or {}))
+        if both:
+            raise ValueError(f"infer.{both[0]}: given both at the top level and in infer")
+        rest = {k: v for k, v in data.items() if k not in flat}
+        return {**rest, "infer": {**(nested or {}), **flat}}
 
     def night(self) -> _dt.date:
         return self.run_date or _dt.datetime.now(_dt.timezone.utc).date()
 
     def infer_config(self, output: str) -> InferJobConfig:
-        """The InferJobConfig of one night (same source, checkpoint and actor settings)."""
-        keep = ("source", "checkpoint", "storage", *ImagePoolConfig.model_fields, *InstanceLimitsConfig.model_fields)
-        return InferJobConfig(output=output, **{k: getattr(self, k) for k in keep})
+        """The InferJobConfig of one night (same source, checkpoint and run settings)."""
+        return InferJobConfig(output=output, source=self.source, checkpoint=self.checkpoint, storage=self.storage,
+                              **self.infer.model_dump())
 
 
 # --------------------------------------------------------------------------- loading

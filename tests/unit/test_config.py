@@ -210,16 +210,18 @@ def test_demo_model_follows_the_task():
 # --------------------------------------------------------------------------- shared job sections
 
 
-def test_inference_jobs_share_the_actor_pool_flat():
+def test_inference_jobs_share_the_actor_pool():
     pool = {"batch_size": 4, "num_actors": 3, "num_gpus_per_actor": 0.5, "cpus_per_actor": 1.0, "cpus_per_task": 0.25}
     base = {"source": {"images": "i"}, "checkpoint": "c", "output": "o"}
-    for cls in (InferJobConfig, SceneInferJobConfig, NightlyJobConfig):
+    for cls in (InferJobConfig, SceneInferJobConfig):
         assert issubclass(cls, ActorPoolConfig)
-        cfg = build_config(cls, {**base, **pool})  # the flat YAML shape of every earlier version
+        cfg = build_config(cls, {**base, **pool})  # flat in these jobs' YAML
         assert {k: getattr(cfg, k) for k in pool} == pool
         assert not {"actors", "pool"} & set(cfg.model_dump())
     assert SceneInferJobConfig(**base).batch_size == 8 and InferJobConfig(**base).batch_size == 16
+    # A nightly run holds them in its infer section; the flat shape of earlier versions still loads.
     nightly = build_config(NightlyJobConfig, {**base, **pool, "max_pixels": 1000})
+    assert isinstance(nightly.infer, ActorPoolConfig) and "batch_size" not in nightly.model_dump()
     infer = nightly.infer_config("out")
     assert infer.output == "out" and {k: getattr(infer, k) for k in ImagePoolConfig.model_fields} == {
         **pool, "max_pixels": 1000}
@@ -232,3 +234,19 @@ def test_config_package_is_the_lowest_layer():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
     loaded = json.loads(out.stdout)
     assert all(m == "segray" or m.startswith("segray.config") for m in loaded), loaded
+
+
+def test_a_nightly_config_contains_the_infer_run_settings_and_old_flat_configs_load():
+    from segray.config import ImageRunConfig
+
+    base = {"source": {"images": "s3://a/images"}, "checkpoint": "c", "output": "o"}
+    nested = build_config(NightlyJobConfig, {**base, "infer": {"batch_size": 4, "max_detections": 3}})
+    flat = build_config(NightlyJobConfig, {**base, "batch_size": 4, "max_detections": 3})
+    assert isinstance(nested.infer, ImageRunConfig) and nested == flat
+    run = flat.infer_config("o/run_date=2025-01-01")
+    assert (run.batch_size, run.max_detections, run.output) == (4, 3, "o/run_date=2025-01-01")
+    assert set(ImageRunConfig.model_fields) <= set(InferJobConfig.model_fields), "the same settings as segray infer"
+    with pytest.raises(ConfigError, match="infer.batch_size: given both"):
+        build_config(NightlyJobConfig, {**base, "batch_size": 4, "infer": {"batch_size": 8}})
+    with pytest.raises(ConfigError, match="infer.bogus"):
+        build_config(NightlyJobConfig, {**base, "infer": {"bogus": 1}})

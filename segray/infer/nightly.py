@@ -233,11 +233,11 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def plan(cfg: NightlyJobConfig) -> dict[str, Any]:
+def plan(cfg: NightlyJobConfig, commits: list[Commit] | None = None) -> dict[str, Any]:
     """What tonight would do, without changing anything: the night, its partition, whether it
     is already committed, the archive listing, and the entries to process."""
     night = cfg.night().isoformat()
-    commits = committed_runs(cfg.output, cfg.storage)
+    commits = committed_runs(cfg.output, cfg.storage) if commits is None else commits  # the run's own listing
     mine = next((c for c in commits if c.run_date == night), None)
     entries = list_archive(cfg.source, cfg.storage)
     done: set[tuple[str, int, str]] = set()
@@ -282,7 +282,7 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
     mine = next((c for c in commits if c.run_date == cfg.night().isoformat()), None)
     if mine is not None and not cfg.rebuild:  # a committed night is final: not even a listing
         return _already_committed(mine, t0)
-    p = plan(cfg)
+    p = plan(cfg, commits)
     todo = p["todo"]
     # A fresh attempt: whatever is in the partition (a killed run's files, or the committed
     # night being rebuilt) goes first; this attempt's files carry its own id.

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from segray.config import ConfigError, DemoJobConfig, build_config, dump_config, load_config, parse_overrides
-from segray.jobs import JOBS, init_ray
+from segray.jobs import JOBS
 from segray.report import console, print_table
 
 app = typer.Typer(
@@ -126,7 +126,6 @@ def demo(
     cfg = _load(DemoJobConfig, config, set_)
     from segray.demo import run_demo
 
-    init_ray()
     _run(lambda: run_demo(cfg))
 
 

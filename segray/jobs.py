@@ -4,8 +4,8 @@
 (the job commands run a job's ``run``; ``submit`` and ``show-config`` list the names) and the
 entrypoints ``jobs/*.py`` (``run_job(name, sys.argv[1:])`` in :mod:`segray.cli`) all read it.
 
-Each job: its config class, the function that runs a validated config (it joins or starts Ray
-and prints the summary; Ray, torch and the runner are imported only when it is called, so
+Each job: its config class, the function that runs a validated config (it checks what needs no
+cluster, then joins or starts Ray, and prints the summary; Ray, torch and the runner are imported only when it is called, so
 importing this module stays cheap), its entrypoint script under ``jobs/``, the ``segray``
 command that runs it from an installed package (``segray submit --image``) and a one-line
 description.
@@ -16,8 +16,6 @@ lazily) and below cli.py; nothing under it imports it.
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -26,24 +24,14 @@ from pydantic import BaseModel
 from segray.config import ConfigError, InferJobConfig, NightlyJobConfig, SceneInferJobConfig, TrainJobConfig
 from segray.report import infer_rows, print_table
 
-__all__ = ["JOBS", "Job", "init_ray"]
+__all__ = ["JOBS", "Job"]
 
 _TASK_FORMATS = {"semantic": "'semantic'", "instance": "'instance_masks' or 'coco'"}
-
-
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set inside a Ray job), or start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(log_to_driver=os.environ.get("SEGRAY_RAY_LOGS") == "1")
-    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def _train(job: TrainJobConfig) -> None:
     from segray.train.trainer import run_training, summary_rows
 
-    init_ray()
     result = run_training(job)
     print_table("training summary", summary_rows(result, job.data.class_names) + [
         ("best checkpoint", result.best_checkpoint), ("curves", result.curves_png), ("run", result.run_path)])
@@ -52,21 +40,18 @@ def _train(job: TrainJobConfig) -> None:
 def _infer(job: InferJobConfig) -> None:
     from segray.infer.pipeline import run_inference
 
-    init_ray()
     print_table("inference summary", infer_rows(run_inference(job)))
 
 
 def _segment_scenes(job: SceneInferJobConfig) -> None:
     from segray.infer.scenes import run_scenes, summary_rows
 
-    init_ray()
     print_table("scene segmentation summary", summary_rows(run_scenes(job)))
 
 
 def _nightly(job: NightlyJobConfig) -> None:
     from segray.infer.nightly import run_nightly, summary_rows
 
-    init_ray()
     print_table("nightly run", summary_rows(run_nightly(job)))
 
 

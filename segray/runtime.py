@@ -40,3 +40,20 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP))
+
+
+def start_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (set inside a Ray job), or start a local Ray.
+
+    Every job calls this after its checks that need no cluster (segray's fail-fast rule), so a
+    wrong config never waits for Ray to start. Ray's own output stays off the terminal unless
+    SEGRAY_RAY_LOGS=1.
+    """
+    import logging
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=os.environ.get("SEGRAY_RAY_LOGS") == "1")
+    logging.getLogger("ray").setLevel(logging.WARNING)

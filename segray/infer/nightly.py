@@ -59,6 +59,7 @@ from segray.io.fs import (
     list_samples,
     pyarrow_fs,
 )
+from segray.runtime import start_ray
 
 log = logging.getLogger(__name__)
 
@@ -289,12 +290,10 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
     sink = PartitionSink(p["partition"], cfg.storage, family.schema)
     sink.prepare()
     if todo:
-        import ray
-
         from segray.infer.pipeline import build_dataset
 
-        if init_ray and not ray.is_initialized():
-            ray.init(log_to_driver=False)
+        if init_ray:
+            start_ray()
         samples = [Sample(image=e.url, mask=e.mask, image_id=e.image_id) for e in todo]
         sink.write(build_dataset(cfg.infer_config(p["partition"]), samples, ckpt))
     table = sink.rows(["status", "error"])

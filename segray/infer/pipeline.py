@@ -19,7 +19,7 @@ from segray.infer.families import family_of
 from segray.infer.sinks import ParquetFolderSink
 from segray.infer.steps import open_checkpoint
 from segray.io.fs import list_samples
-from segray.runtime import model_runtime_env
+from segray.runtime import model_runtime_env, start_ray
 
 
 def build_dataset(cfg: InferJobConfig, samples: list, ckpt: Checkpoint):
@@ -50,16 +50,13 @@ def build_dataset(cfg: InferJobConfig, samples: list, ckpt: Checkpoint):
 
 def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
     """Runs the job; returns the summary (also written to ``<output>/summary.parquet``)."""
-    import ray
-
     # Everything that can fail fast does so before any cluster work.
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
     samples = list_samples(cfg.source, cfg.storage)
     sink = ParquetFolderSink(cfg.output, cfg.storage, cfg.overwrite, num_cpus=cfg.cpus_per_task)
     sink.prepare()
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    start_ray()
     t0 = time.perf_counter()
     sink.write(build_dataset(cfg, samples, ckpt))
     summary = family_of(ckpt).summarize(cfg, ckpt, num_inputs=len(samples), wall_s=time.perf_counter() - t0)

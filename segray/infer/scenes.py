@@ -46,7 +46,7 @@ from segray.infer.scene_outputs import summarize, summary_rows, write_outputs
 from segray.infer.scene_plan import PlannedScene, SceneTally, ScenesPlan, TileRun, plan_scenes
 from segray.infer.scene_steps import TILE_SCHEMA, read_tiles
 from segray.io.fs import join
-from segray.runtime import model_runtime_env
+from segray.runtime import model_runtime_env, start_ray
 
 __all__ = ["SCENE_SCHEMA", "build_tile_dataset", "check_output", "run_scenes", "stream_tiles", "summarize",
            "summary_rows"]
@@ -104,11 +104,8 @@ class StitchQueue:
 def stream_tiles(plan: ScenesPlan, t_start: float, on_progress: Callable[[str], None] | None = None) -> TileRun:
     """Streams the small tile rows through the driver (tiles.parquet when asked); a scene's stitch
     task goes out when its last tile is in. Returns when every stitch task has finished."""
-    import ray
-
     cfg = plan.cfg
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    start_ray()
     queue = StitchQueue(plan, on_progress)
     tallies = {sid: SceneTally(s.num_tiles) for sid, s in plan.scenes.items()}
     tile_writer = None

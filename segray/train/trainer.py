@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from segray.config import TrainJobConfig
 from segray.io.fs import join, pyarrow_fs
-from segray.runtime import model_runtime_env
+from segray.runtime import model_runtime_env, start_ray
 from segray.train.loop import train_loop_per_worker
 from segray.train.tasks import TASKS
 
@@ -93,13 +93,10 @@ def evaluate_test_set(job: TrainJobConfig, checkpoint: str, run_path: str) -> di
 
 
 def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainResult:
-    import ray
-
     from segray.data.datasets import build_datasets
     from segray.train.plots import plot_curves
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    start_ray()
     data = build_datasets(job.data, seed=job.train.seed)
     job = TASKS[job.task].prepare(job, data.decoded)
     datasets = {"train": data.train, **({"val": data.val} if data.val is not None else {})}

@@ -4,6 +4,8 @@ The nightly incremental archive run (segray/infer/nightly.py): only new or chang
 into <output>/run_date=YYYY-MM-DD/, committed by a _SUCCESS record written last.
 
 The job is registered in segray/jobs.py (JOBS["nightly"]); `segray submit nightly` runs this file.
+Its checks run before Ray starts (a mistake: one line, exit code 2); `--debug` (anywhere in the
+arguments) adds the traceback, `--verbose` puts Ray's output on the terminal (default: a log file).
 Inside a Ray job RAY_ADDRESS is set, so segray joins the cluster instead of starting Ray.
 """
 

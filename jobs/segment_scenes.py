@@ -1,6 +1,8 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/segment_scenes.py configs/<x>.yaml [--set k=v ...]`.
 
 The job is registered in segray/jobs.py (JOBS["segment-scenes"]); `segray submit segment-scenes` runs this file.
+Its checks run before Ray starts (a mistake: one line, exit code 2); `--debug` (anywhere in the
+arguments) adds the traceback, `--verbose` puts Ray's output on the terminal (default: a log file).
 Inside a Ray job RAY_ADDRESS is set, so segray joins the cluster instead of starting Ray.
 """
 

@@ -5,6 +5,8 @@ The same `segray train` command trains both families; this entrypoint only refus
 are not instance configs (exit 2), so a mixed-up submission fails before any cluster work.
 
 The job is registered in segray/jobs.py (JOBS["train-instance"]); `segray submit train-instance` runs this file.
+Its checks run before Ray starts (a mistake: one line, exit code 2); `--debug` (anywhere in the
+arguments) adds the traceback, `--verbose` puts Ray's output on the terminal (default: a log file).
 Inside a Ray job RAY_ADDRESS is set, so segray joins the cluster instead of starting Ray.
 """
 

@@ -20,23 +20,82 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config field: --set train.epochs=3 (repeatable; values parse as YAML)."
+GLOBAL_FLAGS = ("--debug", "--verbose")
+_options = {"debug": False}
 
 
-def _load(cls, path: Optional[Path], overrides: list[str] | None):
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="SEGRAY_DEBUG",
+                               help="On an error, show the traceback (not only the one-line message)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Ray's own output (Ray Data, Ray Train, workers) on the "
+                                 "terminal too; by default it goes to a log file, whose path is printed."),
+) -> None:
+    """segray: image segmentation at scale with Ray Train and Ray Data."""
+    _options["debug"] = debug
+    if verbose:
+        from segray.runtime import set_verbose
+
+        set_verbose()  # SEGRAY_RAY_LOGS=1, read by start_ray
+
+
+# --------------------------------------------------------------------------- errors
+# The one place where a known mistake becomes one line and exit code 2 (no traceback unless
+# --debug): a config that does not validate, a path or object that is not there, no permission,
+# an endpoint that does not answer, a checkpoint that does not load.
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    known: list[type[BaseException]] = [ConfigError, ValueError, FileNotFoundError, PermissionError,
+                                        IsADirectoryError, NotADirectoryError]
     try:
-        return load_config(cls, path, overrides)
-    except ConfigError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(2) from None
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        known += [BotoCoreError, ClientError]
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        pass
+    try:
+        from aiohttp import ClientConnectionError
+
+        known.append(ClientConnectionError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(known)
+
+
+def error_line(err: BaseException) -> str:
+    """The message of a known error, as the CLI prints it (without 'error: ')."""
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, OSError) and getattr(err, "filename", None) and err.strerror:
+        what = "not found" if isinstance(err, FileNotFoundError) else err.strerror.lower()
+        return f"{err.filename}: {what}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, ValueError) or isinstance(err, FileNotFoundError) else \
+        f"{type(err).__name__}: {text}"
+
+
+def _fail(err: BaseException) -> None:
+    if _options["debug"]:
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    print(f"error: {error_line(err)}", file=sys.stderr, flush=True)
+    raise typer.Exit(2) from None
 
 
 def _run(fn):
-    """Config errors found late (e.g. an output that exists) still exit 2 with the message."""
+    """``fn()``; a known error (see _known_errors) exits 2 with its one-line message."""
     try:
         return fn()
-    except ConfigError as err:
-        console.print(f"[bold red]error:[/] {err}")
-        raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except _known_errors() as err:
+        _fail(err)
+
+
+def _load(cls, path: Optional[Path], overrides: list[str] | None):
+    return _run(lambda: load_config(cls, path, overrides))
 
 
 def _job(cls, config, set_, print_config: bool):
@@ -49,28 +108,38 @@ def _job(cls, config, set_, print_config: bool):
 
 
 def _run_job(name: str, config: str, set_: list[str] | None, print_config: bool) -> None:
-    """The job ``name`` of segray.jobs.JOBS: validate its config, then run it (Ray joined or started)."""
+    """The job ``name`` of segray.jobs.JOBS: validate its config, run its preflight (every check
+    that needs no cluster), then run it (Ray joined or started)."""
     spec = JOBS[name]
     job = _job(spec.config_cls, config, set_, print_config)
+    _run(lambda: spec.preflight(job))
     _run(lambda: spec.run(job))
 
 
 def run_job(name: str, argv: list[str]) -> None:
-    """What the entrypoint ``jobs/<x>.py`` does: ``segray <command> CONFIG [--set k=v ...]`` for the
-    job ``name`` of segray.jobs.JOBS, after refusing a config that job does not run (exit 2).
+    """What the entrypoint ``jobs/<x>.py`` does: ``segray [--debug] [--verbose] <command> CONFIG
+    [--set k=v ...]`` for the job ``name`` of segray.jobs.JOBS, after refusing a config that job
+    does not run (exit 2). The global flags may come anywhere in ``argv``.
 
     Inside a Ray job RAY_ADDRESS is set, so the job joins the cluster instead of starting Ray.
     """
     spec = JOBS[name]
+    flags = [a for a in argv if a in GLOBAL_FLAGS]
+    argv = [a for a in argv if a not in GLOBAL_FLAGS]
+    if "--debug" in flags:
+        _options["debug"] = True
     if spec.task and argv and not argv[0].startswith("-"):
         overrides = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"]
-        try:
+
+        def check():
             parse_overrides(overrides)
             spec.check(load_config(spec.config_cls, argv[0], overrides))
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-    app([spec.command, *argv])
+
+        try:
+            _run(check)
+        except typer.Exit as e:
+            sys.exit(e.exit_code)
+    app([*flags, spec.command, *argv])
 
 
 @app.command()
@@ -125,8 +194,16 @@ def demo(
     """
     cfg = _load(DemoJobConfig, config, set_)
     from segray.demo import run_demo
+    from segray.jobs import preflight_demo
+    from segray.report import stage
 
-    _run(lambda: run_demo(cfg))
+    _run(lambda: preflight_demo(cfg))
+
+    def demo_run():
+        with stage("demo"):
+            return run_demo(cfg)
+
+    _run(demo_run)
 
 
 @app.command("export-coco")

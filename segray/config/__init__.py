@@ -9,7 +9,8 @@ lowest layer of segray: it imports nothing else of segray. Its modules:
 - ``data``: sources, storage options and the training data section;
 - ``train``: loss, optimizer, loop and ``TrainJobConfig``;
 - ``infer``: the inference jobs and the actor pool they share;
-- ``demo``: ``DemoJobConfig``.
+- ``demo``: ``DemoJobConfig``;
+- ``outputs``: table outputs (``IcebergTableConfig``: the ``table`` of infer and nightly jobs).
 
 Everything public is re-exported here: import from ``segray.config``.
 """
@@ -42,6 +43,7 @@ from segray.config.infer import (
     InstanceLimitsConfig,
     NightlyJobConfig,
     SceneInferJobConfig,
+    SceneRunConfig,
 )
 from segray.config.models import (
     DEFAULT_MODEL,
@@ -57,6 +59,7 @@ from segray.config.models import (
     model_config_class,
     model_names,
 )
+from segray.config.outputs import IcebergCatalogConfig, IcebergTableConfig
 from segray.config.train import (
     INSTANCE_METRICS,
     LossConfig,
@@ -72,8 +75,9 @@ __all__ = [
     "AugmentConfig", "BandStatsConfig", "ChipsConfig", "DataConfig", "SourceConfig", "StorageOptions",
     "DEMO_OPTIM", "DEMO_TRAIN", "DemoJobConfig", "demo_instance_model",
     "ActorPoolConfig", "ImagePoolConfig", "ImageRunConfig", "InferJobConfig", "InstanceLimitsConfig", "NightlyJobConfig",
-    "SceneInferJobConfig",
+    "SceneInferJobConfig", "SceneRunConfig",
     "DEFAULT_MODEL", "INSTANCE_MODELS", "MODEL_CONFIGS", "SEMANTIC_MODELS", "AnyModelConfig", "Family",
     "MaskRCNNConfig", "ModelConfig", "TorchvisionSegConfig", "UNetConfig", "model_config_class", "model_names",
+    "IcebergCatalogConfig", "IcebergTableConfig",
     "INSTANCE_METRICS", "LossConfig", "LossTerm", "OptimConfig", "TrainJobConfig", "TrainLoopConfig",
 ]

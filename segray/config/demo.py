@@ -58,9 +58,8 @@ class DemoJobConfig(_Strict):
 
     @model_validator(mode="after")
     def _task_model(self) -> "DemoJobConfig":
-        if self.task == "instance" and self.model.family != "instance":
-            raise ValueError(f"model.name: task 'instance' needs one of {model_names('instance')}")
-        if self.task == "semantic" and self.model.family == "instance":
-            raise ValueError("task: a Mask R-CNN model needs task 'instance'")
+        if self.task != self.model.family:
+            raise ValueError(f"model.name: task {self.task!r} needs one of {model_names(self.task)}; "
+                             f"{self.model.name!r} is a {self.model.family} model")
         return self
 

@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from segray.config.base import _Strict
 from segray.config.data import SourceConfig, StorageOptions
+from segray.config.outputs import IcebergTableConfig
 
 
 class ActorPoolConfig(_Strict):
@@ -32,6 +33,10 @@ class ImagePoolConfig(ActorPoolConfig):
     """The actor pool of whole-image inference, with its image size cap."""
 
     max_pixels: int = Field(default=64_000_000, gt=0, description="larger images become error rows")
+    out_of_range: Literal["warn", "refuse"] = Field(
+        default="warn", description="images with values beyond the checkpoint's data (a 16-bit image into a "
+        "model trained on 8-bit data): 'warn' predicts them with an out_of_range warning in the row's warnings; "
+        "'refuse' makes them error rows of kind out_of_range")
 
 
 class InstanceLimitsConfig(_Strict):
@@ -55,19 +60,21 @@ class ImageRunConfig(InstanceLimitsConfig, ImagePoolConfig):
 class InferJobConfig(ImageRunConfig):
     source: SourceConfig
     checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
-    output: str = Field(description="output directory (local or s3://) for predictions.parquet and summary")
-    overwrite: bool = False
+    output: str = Field(description="output directory (local or s3://): predictions/, summary.parquet, _SUCCESS")
+    overwrite: bool = Field(default=False, description="replace a committed output (it is withdrawn first)")
+    resume: bool = Field(default=False, description="keep the rows a killed run finished; process only the rest")
     # ---- instance checkpoints (Mask R-CNN) only; with one, source.masks are instance-id maps
     coco_json: Optional[str] = Field(
         default=None, description="instance ground truth as COCO JSON (matched by file_name); adds COCO metrics")
     class_masks: Optional[str] = Field(
         default=None, description="class maps for instance-id ground truth in source.masks (paired by stem)")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    table: Optional[IcebergTableConfig] = Field(default=None, description="rows to this Iceberg table (upserted by source_path) instead of output/predictions/")
 
 
-class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
-    """Segment GeoTIFF/COG scenes of any size: tiles with overlap -> actor pool -> blended,
-    georeferenced outputs per scene (COG mask, optional probabilities, Parquet rows, polygons).
+class SceneRunConfig(InstanceLimitsConfig, ActorPoolConfig):
+    """How scenes are tiled, predicted and stitched: what ``segment-scenes`` and a nightly run over
+    scenes (``workload: scenes``) share.
 
     Stitching is exact for a fully-convolutional model when ``margin`` covers the model's
     receptive-field radius and ``overlap > 2 * margin`` (U-Net, maxpool/transpose: radius
@@ -75,9 +82,6 @@ class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
     seam-free but differ slightly from an untiled pass near tile edges.
     """
 
-    source: SourceConfig = Field(description="scenes (.tif/.png/...); masks, if given, are ground truth for metrics")
-    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
-    output: str = Field(description="output folder, local or s3://")
     tile_size: int = Field(default=512, ge=32)
     overlap: int = Field(default=128, ge=0)
     margin: int = Field(default=32, ge=0, description="tile-edge pixels given ~0 weight (receptive-field radius)")
@@ -116,11 +120,9 @@ class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
         default=0.5, gt=0, le=1, description="instances: merge detections from different tiles whose masks overlap "
         "by at least this fraction of the smaller one")
     write_instances: bool = Field(default=True, description="instances: also write instances/<scene>.tif (uint32 ids)")
-    overwrite: bool = False
-    storage: StorageOptions = Field(default_factory=StorageOptions)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SceneInferJobConfig":
+    def _consistent(self) -> "SceneRunConfig":
         if self.overlap >= self.tile_size:
             raise ValueError(f"overlap {self.overlap} must be smaller than tile_size {self.tile_size}")
         if self.margin and self.overlap <= 2 * self.margin:
@@ -128,6 +130,18 @@ class SceneInferJobConfig(InstanceLimitsConfig, ActorPoolConfig):
         if self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
         return self
+
+
+class SceneInferJobConfig(SceneRunConfig):
+    """Segment GeoTIFF/COG scenes of any size: tiles with overlap -> actor pool -> blended,
+    georeferenced outputs per scene (COG mask, optional probabilities, Parquet rows, polygons)."""
+
+    source: SourceConfig = Field(description="scenes (.tif/.png/...); masks, if given, are ground truth for metrics")
+    checkpoint: str = Field(description="checkpoint directory or .pt file, local or s3://")
+    output: str = Field(description="output folder, local or s3://")
+    overwrite: bool = Field(default=False, description="replace a committed output (it is withdrawn first)")
+    resume: bool = Field(default=False, description="keep the scenes a killed run finished; process only the rest")
+    storage: StorageOptions = Field(default_factory=StorageOptions)
 
 
 class NightlyJobConfig(_Strict):
@@ -148,8 +162,14 @@ class NightlyJobConfig(_Strict):
         default=None, description="the night to run (YYYY-MM-DD); default: today in UTC. Set it for backfills")
     rebuild: bool = Field(
         default=False, description="rerun a night that is already committed (default: rerunning it is a no-op)")
+    workload: Literal["images", "scenes"] = Field(
+        default="images", description="images: rows as segray infer writes them; scenes: segment-scenes outputs "
+        "(COG masks, scene rows, polygons) per night under run_date=.../scenes/")
     infer: ImageRunConfig = Field(default_factory=ImageRunConfig, description="how the night's images are run")
+    scenes: SceneRunConfig = Field(default_factory=SceneRunConfig,
+                                   description="how the night's scenes are tiled and stitched (workload: scenes)")
     storage: StorageOptions = Field(default_factory=StorageOptions)
+    table: Optional[IcebergTableConfig] = Field(default=None, description="nights into this Iceberg table (one snapshot per night) instead of run_date= folders")
 
     @model_validator(mode="before")
     @classmethod
@@ -169,8 +189,19 @@ class NightlyJobConfig(_Strict):
         rest = {k: v for k, v in data.items() if k not in flat}
         return {**rest, "infer": {**(nested or {}), **flat}}
 
+    @model_validator(mode="after")
+    def _scenes_to_folders(self) -> "NightlyJobConfig":
+        if self.workload == "scenes" and self.table is not None:
+            raise ValueError("table: nights of workload 'scenes' go to run_date= folders (rasters have no table)")
+        return self
+
     def night(self) -> _dt.date:
         return self.run_date or _dt.datetime.now(_dt.timezone.utc).date()
+
+    def scene_config(self, output: str) -> "SceneInferJobConfig":
+        """The SceneInferJobConfig of one night of scenes (written whole: the night is redone)."""
+        return SceneInferJobConfig(output=output, source=self.source, checkpoint=self.checkpoint,
+                                   storage=self.storage, overwrite=True, **self.scenes.model_dump())
 
     def infer_config(self, output: str) -> InferJobConfig:
         """The InferJobConfig of one night (same source, checkpoint and run settings)."""

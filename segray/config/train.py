@@ -98,10 +98,9 @@ class TrainJobConfig(_Strict):
         n = self.model.num_classes
         names = self.data.class_names
         instance_model = self.model.family == "instance"
-        if self.data.task == "instance" and not instance_model:
-            raise ValueError(f"model.name: data.format {self.data.format!r} needs one of {model_names('instance')}")
-        if self.data.task == "semantic" and instance_model:
-            raise ValueError(f"data.format: model {self.model.name!r} needs 'instance_masks' or 'coco' data")
+        if self.data.task != self.model.family:  # the data's task and the model's family must agree
+            raise ValueError(f"model.name: data.format {self.data.format!r} ({self.data.task} data) needs one of "
+                             f"{model_names(self.data.task)}; {self.model.name!r} is a {self.model.family} model")
         if instance_model:
             if self.loss != LossConfig():  # (a dumped config carries the default loss: that is fine)
                 raise ValueError("loss: Mask R-CNN trains with its own RPN/box/mask losses; remove the loss section")

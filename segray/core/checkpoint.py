@@ -96,13 +96,16 @@ class Checkpoint:
 
     @classmethod
     def load(cls, f: str | BinaryIO | bytes) -> "Checkpoint":
-        data = f if isinstance(f, bytes) else None
-        if data is None and isinstance(f, str):
+        """From a path, an open file or the file's bytes (the id is the hash of those bytes)."""
+        if isinstance(f, str):
             with open(f, "rb") as fh:
-                data = fh.read()
-        if data is None:
-            data = f.read()  # type: ignore[union-attr]
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                f = fh.read()
+        data = f if isinstance(f, bytes) else f.read()
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # a file cut off mid-write has no zip directory at its end
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"not a complete checkpoint file ({len(data)} bytes: {why})") from None
         return cls.from_payload(payload, checkpoint_id(data))
 
     def save(self, f: str | BinaryIO) -> None:

@@ -31,10 +31,11 @@ def demo_instance_train_config(cfg: DemoJobConfig, data: dict[str, Any], workdir
 
 def instance_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """A few written rows drawn as instance maps (one colour per object; best score on top)."""
-    import pyarrow.dataset as pads
+    import pyarrow.compute as pc
     from PIL import Image
 
     from segray.core.instances import decode_rle
+    from segray.infer.sinks import committed_rows
 
     def paint(instances: list[dict] | None, shape: tuple[int, int]) -> np.ndarray:
         out = np.zeros(shape, np.int64)
@@ -42,9 +43,9 @@ def instance_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndar
             out[decode_rle(inst["mask"]) > 0] = (k - 1) % 20 + 1
         return out
 
-    table = pads.dataset(predictions, format="parquet").head(
-        limit, columns=["image_id", "source_path", "instances", "gt_instances", "height", "width", "status"],
-        filter=pads.field("status") == "ok")
+    table = committed_rows(predictions, columns=["image_id", "source_path", "instances", "gt_instances", "height",
+                                                 "width", "status"])
+    table = table.filter(pc.equal(table["status"], "ok")).slice(0, limit)
     panels = []
     for row in table.to_pylist():
         rgb = np.asarray(Image.open(row["source_path"]).convert("RGB"))

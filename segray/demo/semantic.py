@@ -37,13 +37,14 @@ def write_demo_splits(cfg: DemoJobConfig, root: Path) -> tuple[dict[str, Any], d
 
 def overlay_panels(predictions: str, limit: int = 4) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """A few rows of the written Parquet, decoded back into pictures."""
-    import pyarrow.dataset as pads
+    import pyarrow.compute as pc
     from PIL import Image
 
     from segray.core.masks import decode_png
+    from segray.infer.sinks import committed_rows
 
-    table = pads.dataset(predictions, format="parquet").head(
-        limit, columns=["image_id", "source_path", "mask_png", "status"], filter=pads.field("status") == "ok")
+    table = committed_rows(predictions, columns=["image_id", "source_path", "mask_png", "status"])
+    table = table.filter(pc.equal(table["status"], "ok")).slice(0, limit)
     panels = []
     for row in table.to_pylist():
         rgb = np.asarray(Image.open(row["source_path"]).convert("RGB"))

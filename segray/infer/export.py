@@ -16,19 +16,17 @@ from typing import Any
 
 from segray.config import StorageOptions
 from segray.core.instances import CocoIndex
-from segray.io.fs import pyarrow_fs, read_bytes, write_bytes
+from segray.infer.sinks import committed_rows
+from segray.io.fs import read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
 
 
 def read_predictions(predictions: str, storage: StorageOptions | None = None,
                      columns: list[str] | None = None) -> list[dict]:
-    import pyarrow.dataset as pads
-
-    fs, path = pyarrow_fs(predictions, storage)
+    """The committed rows of a run (its output folder or its predictions/ folder)."""
     cols = columns or ["image_id", "source_path", "status", "coco_image_id", "instances"]
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cols)
-    return table.to_pylist()
+    return committed_rows(predictions, storage, cols).to_pylist()
 
 
 def coco_results(rows: list[dict], gt: CocoIndex | None = None, min_score: float = 0.0) -> tuple[list[dict], dict[str, int]]:

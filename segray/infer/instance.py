@@ -12,9 +12,13 @@ Output rows, one per input image (``INSTANCE_SCHEMA``):
 column             type                       meaning
 =================  =========================  ==================================================
 image_id           string                     id of the input (relative path without extension)
-source_path        string                     URL of the image
+source_path        string                     URL of the image (readable: bytes of a name that are
+                                              not UTF-8 as ``\\xff`` escapes)
+source_path_bytes  binary (null)              the exact path bytes, only when not valid UTF-8
 status             string                     ``ok`` or ``error``
-error              string (null)              why the row failed
+error              string (null)              why the row failed (begins with its kind)
+error_kind         string (null)              stable reason kind (``segray.io.images.KINDS``)
+warnings           list<string>               e.g. ``out_of_range: ...`` (empty for none)
 height, width      int32                      image size (0 on error)
 bands              int32                      band count (0 on error)
 model_name         string                     e.g. ``maskrcnn_resnet50_fpn``
@@ -35,7 +39,7 @@ gt_instances       list<struct> (null)        ground truth, same fields (score 1
 segm_ap ...        float64 (null)             per-image COCO figures: segm_ap, segm_ap50, segm_ap75,
                                               segm_ar, bbox_ap, bbox_ap50, bbox_ap75, bbox_ar
                                               (null without ground truth or where COCO gives -1)
-decode_ms          float64                    read+decode time per image in its batch
+decode_ms          float64                    this image's decode, plus its share of the batch's fetch
 predict_ms         float64                    model time per image in its batch
 =================  =========================  ==================================================
 
@@ -57,12 +61,13 @@ import torch
 from segray.config import InferJobConfig, StorageOptions
 from segray.infer.family import ImageStages
 from segray.infer.runs import PREDICTIONS, run_counts
-from segray.infer.steps import Predictor, same_shape_chunks
+from segray.infer.steps import Predictor, row_paths, row_problems, same_shape_chunks
 from segray.io.instance_reads import category_ids_for, instance_items, read_decode_instances
 from segray.core import coco_eval
 from segray.core.checkpoint import Checkpoint
 from segray.core.instances import Instances, encode_rles
 from segray.io.fs import join, pyarrow_fs
+from segray.io.images import full_scale
 
 
 PER_IMAGE_METRICS = ("segm_ap", "segm_ap50", "segm_ap75", "segm_ar", "bbox_ap", "bbox_ap50", "bbox_ap75", "bbox_ar")
@@ -83,8 +88,11 @@ INSTANCE_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("source_path", pa.string()),
+        ("source_path_bytes", pa.binary()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("warnings", pa.list_(pa.string())),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("bands", pa.int32()),
@@ -145,7 +153,7 @@ class InstancePredictor(Predictor):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        status, error, todo = self.usable(batch)
+        status, error, kinds, todo = self.checked(batch)
         preds = [""] * len(status)
         for i, p in zip(todo, self.predict([batch["pixels"][i] for i in todo])):
             preds[i] = json.dumps({"boxes": np.round(p["boxes"].astype(np.float64), 2).tolist(),
@@ -154,7 +162,7 @@ class InstancePredictor(Predictor):
         n = len(status)
         out = {k: v for k, v in batch.items() if k != "pixels"}  # drop pixels early: memory
         out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
-                   pred=np.array(preds, dtype=object), model_name=np.full(n, self.model_cfg.name, dtype=object),
+                   error_kind=np.array(kinds, dtype=object), pred=np.array(preds, dtype=object), model_name=np.full(n, self.model_cfg.name, dtype=object),
                    checkpoint_id=np.full(n, self.checkpoint_id, dtype=object),
                    predict_ms=np.full(n, (time.perf_counter() - t0) * 1000 / max(n, 1)))
         return out
@@ -179,11 +187,12 @@ def encode_instances(batch: dict[str, Any], class_names: list[str], category_ids
     for i in range(len(batch["status"])):
         ok = batch["status"][i] == "ok"
         h, w = int(batch["height"][i]), int(batch["width"][i])
-        for col in ("image_id", "source_path", "status", "error", "height", "width", "bands",
-                    "model_name", "checkpoint_id", "decode_ms", "predict_ms"):
+        for col in ("image_id", "status", "height", "width", "bands", "model_name", "checkpoint_id",
+                    "decode_ms", "predict_ms"):
             v = batch[col][i]
             rows[col].append(v.item() if isinstance(v, np.generic) else v)
-        rows["error"][-1] = rows["error"][-1] or None
+        for col, v in {**row_paths(batch, i), **row_problems(batch, i)}.items():
+            rows[col].append(v)
         coco_id = int(batch["coco_image_id"][i])
         rows["coco_image_id"].append(coco_id if coco_id >= 0 else None)
         pred = json.loads(batch["pred"][i]) if ok and batch["pred"][i] else None
@@ -231,6 +240,7 @@ def instance_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> Ima
         items=items,
         read=read_decode_instances,
         read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
+                     "full_scale": full_scale(ckpt.band_stats), "out_of_range": cfg.out_of_range,
                      "num_classes": len(class_names), "ignore_index": ckpt.ignore_index,
                      "category_labels": [[c, lab] for c, lab in (cat_labels or {}).items()]},
         predictor=InstancePredictor,
@@ -268,7 +278,7 @@ def summarize_instances(cfg: InferJobConfig, ckpt: Checkpoint, num_inputs: int, 
 
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
     dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    cols = ["status", "error", "height", "width", "decode_ms", "predict_ms", "num_instances", "has_ground_truth"]
+    cols = ["status", "error_kind", "height", "width", "decode_ms", "predict_ms", "num_instances", "has_ground_truth"]
     table = dataset.to_table(columns=cols)
     ok = np.asarray(table["status"].to_pylist()) == "ok"
     counts = np.asarray(table["num_instances"].to_pylist(), float)

@@ -49,15 +49,25 @@ def build_dataset(cfg: InferJobConfig, samples: list, ckpt: Checkpoint):
 
 
 def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
-    """Runs the job; returns the summary (also written to ``<output>/summary.parquet``)."""
+    """Runs the job; returns the summary (also in ``<output>/summary.parquet`` and ``_SUCCESS``).
+
+    With ``resume``, the rows a killed run finished are kept and only the other inputs run."""
     # Everything that can fail fast does so before any cluster work.
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
     samples = list_samples(cfg.source, cfg.storage)
-    sink = ParquetFolderSink(cfg.output, cfg.storage, cfg.overwrite, num_cpus=cfg.cpus_per_task)
+    from segray.infer.iceberg import IcebergSink  # the sink: an Iceberg table with `table:`, else the folder
+    sink = IcebergSink.for_infer(cfg, ckpt, samples) if cfg.table is not None else ParquetFolderSink(
+        cfg.output, cfg.storage, [s.image for s in samples], overwrite=cfg.overwrite, resume=cfg.resume,
+        num_cpus=cfg.cpus_per_task)
     sink.prepare()
+    if sink.complete is not None:  # resume over a committed output: nothing left to do
+        return {**sink.complete["record"], "status": "already committed"}
 
-    start_ray()
     t0 = time.perf_counter()
-    sink.write(build_dataset(cfg, samples, ckpt))
+    todo = [s for s in samples if s.image not in sink.done]
+    if todo:
+        start_ray()
+        sink.write(build_dataset(cfg, todo, ckpt))
     summary = family_of(ckpt).summarize(cfg, ckpt, num_inputs=len(samples), wall_s=time.perf_counter() - t0)
+    summary["num_resumed"] = len(sink.done)
     return sink.commit(summary)

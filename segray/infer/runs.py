@@ -22,11 +22,12 @@ from segray.infer.sinks import PREDICTIONS
 
 def run_counts(cfg: InferJobConfig, ckpt: Checkpoint, num_inputs: int, wall_s: float,
                table: pa.Table) -> dict[str, Any]:
-    """What every inference summary reports, from the written rows' ``status``, ``error``,
-    ``height``, ``width``, ``decode_ms`` and ``predict_ms``: counts, rates, stage times, errors."""
+    """What every inference summary reports, from the written rows' ``status``, ``error_kind``,
+    ``height``, ``width``, ``decode_ms`` and ``predict_ms``: counts, rates, stage times, and
+    ``error_reasons`` (``[{"kind", "count"}]``, most frequent first)."""
     status = np.asarray(table["status"].to_pylist())
     ok = status == "ok"
-    errors = [e for e, s in zip(table["error"].to_pylist(), status) if s != "ok"]
+    kinds = [k or "unknown" for k, s in zip(table["error_kind"].to_pylist(), status) if s != "ok"]
     pixels = float(np.sum(np.asarray(table["height"].to_pylist(), float) * np.asarray(table["width"].to_pylist(), float)))
     return {
         "run_id": uuid.uuid4().hex[:12],
@@ -43,5 +44,5 @@ def run_counts(cfg: InferJobConfig, ckpt: Checkpoint, num_inputs: int, wall_s: f
         "megapixels_per_s": pixels / 1e6 / wall_s if wall_s else 0.0,
         "mean_decode_ms": float(np.mean(table["decode_ms"].to_pylist())) if len(status) else 0.0,
         "mean_predict_ms": float(np.mean(table["predict_ms"].to_pylist())) if len(status) else 0.0,
-        "error_reasons": error_reasons(errors),
+        "error_reasons": error_reasons(kinds),
     }

@@ -4,12 +4,14 @@ schema (``SCENE_SCHEMA``), and the check that refuses to mix runs in one folder.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pyarrow as pa
 
-from segray.config import ConfigError, SceneInferJobConfig
-from segray.io.fs import exists, join, pyarrow_fs, remove_tree
+from segray.config import SceneInferJobConfig
+from segray.io.commit import Publication
+from segray.io.fs import join, pyarrow_fs
 
 MASKS, PROBABILITIES, INSTANCES, WORK = "masks", "probabilities", "instances", "_work"
 SCENES, TILES, POLYGONS, SUMMARY = "scenes.parquet", "tiles.parquet", "polygons.parquet", "summary.parquet"
@@ -54,17 +56,22 @@ SCENE_SCHEMA = pa.schema(
 )
 
 
-def _outputs(cfg: SceneInferJobConfig) -> list[str]:
-    return [join(cfg.output, p) for p in (MASKS, PROBABILITIES, INSTANCES, WORK, SCENES, TILES, POLYGONS, SUMMARY)]
+def publication(cfg: SceneInferJobConfig) -> Publication:
+    """The run's output folder, published by its ``_SUCCESS`` manifest (:mod:`segray.io.commit`)."""
+    return Publication(cfg.output, cfg.storage, "segment-scenes", overwrite=cfg.overwrite, resume=cfg.resume)
 
 
-def check_output(cfg: SceneInferJobConfig) -> None:
-    """Refuse to mix runs in one output folder unless asked to overwrite."""
-    found = [u for u in _outputs(cfg) if exists(u, cfg.storage)]
-    if found and not cfg.overwrite:
-        raise ConfigError(f"output: {found[0]} already exists (set overwrite=true to replace it)")
-    for u in found:
-        remove_tree(u, cfg.storage)
+def work_area(cfg: SceneInferJobConfig) -> str:
+    """Tile blobs, polygon parts and finished-scene records. Named after the output, not the
+    attempt, so that ``resume`` finds what a killed run finished."""
+    if not cfg.work_dir:
+        return join(cfg.output, WORK)
+    return join(cfg.work_dir, hashlib.sha1(cfg.output.encode()).hexdigest()[:12])
+
+
+def finished_url(work: str, scene_id: str) -> str:
+    """The record of a scene whose outputs are written (its stitch result, as JSON)."""
+    return join(work, "done", f"{scene_id}.json")
 
 
 def scene_raster(cfg: SceneInferJobConfig, folder: str, scene_id: str) -> str:

@@ -1,6 +1,6 @@
 """What a scenes run leaves under ``output`` (see ``scenes.py``), once its tiles are in: the
 scene rows (scenes.parquet), polygons.parquet (GeoParquet, copied scene by scene from the work
-area) and the summary.
+area), the summary, and the commit that publishes them all (``_SUCCESS``).
 """
 
 from __future__ import annotations
@@ -18,39 +18,56 @@ from segray.config import SceneInferJobConfig
 from segray.core.metrics import metric_num_classes, segmentation_metrics
 from segray.core.scene_polygons import geoparquet_metadata
 from segray.infer.scene_layout import (
+    INSTANCES,
     MASKS,
     POLYGONS,
     PROBABILITIES,
     SCENE_SCHEMA,
     SCENES,
     SUMMARY,
+    WORK,
     scene_raster,
     scene_row,
     target,
 )
 from segray.infer.scene_plan import PlannedScene, ScenesPlan, TileRun
 from segray.infer.steps import error_reasons
-from segray.io.fs import exists, join, pyarrow_fs, remove_tree
+from segray.io.commit import folder_files
+from segray.io.fs import exists, get_fs, join, pyarrow_fs, remove_tree
 
 
 # --------------------------------------------------------------------------- writing a run's outputs
 
 
 def write_outputs(plan: ScenesPlan, run: TileRun, t_start: float) -> dict[str, Any]:
-    """scenes.parquet, polygons.parquet, summary.parquet; the work area removed. Returns the summary."""
+    """scenes.parquet, polygons.parquet, summary.parquet; the work area removed; then the commit
+    (``_SUCCESS``, listing every output file). Returns the summary."""
     cfg = plan.cfg
     ordered, num_polygons = write_scene_rows(plan, run)
     if cfg.polygons:
         write_polygons(plan, run.results)
-    if not cfg.keep_work and exists(plan.work, cfg.storage):
-        remove_tree(plan.work, cfg.storage)
+    _remove_strays(plan, {r["scene_id"] for r in ordered if r["status"] == "ok"})
     wall = time.perf_counter() - t_start
     summary = summarize(cfg, ordered, plan.class_names, plan.num_classes, plan.ckpt.id, plan.model_name,
                         run.num_tiles, num_polygons, wall, run.tiles_wall_s)
+    summary["num_resumed"] = len(plan.finished)
     fs, path = target(join(cfg.output, SUMMARY), cfg.storage)
-    pq.write_table(pa.Table.from_pylist([{k: ", ".join(v) if isinstance(v, list) else v for k, v in summary.items()}]),
-                   path, filesystem=fs)
+    pq.write_table(pa.Table.from_pylist([summary]), path, filesystem=fs)
+    if not cfg.keep_work and exists(plan.work, cfg.storage):
+        remove_tree(plan.work, cfg.storage)
+    plan.publication.commit(summary, exclude=(WORK,))
     return summary
+
+
+def _remove_strays(plan: ScenesPlan, ok: set[str]) -> None:
+    """Rasters of scenes that are not ok in this run (a killed attempt's, cut off mid-write) go:
+    the commit lists every file under ``output``."""
+    for folder in (MASKS, PROBABILITIES, INSTANCES):
+        url = join(plan.cfg.output, folder)
+        for name in folder_files(url, plan.cfg.storage):
+            if name.removesuffix(".tif") not in ok:
+                fs, path = get_fs(join(url, name), plan.cfg.storage)
+                fs.rm(path)
 
 
 def write_scene_rows(plan: ScenesPlan, run: TileRun) -> tuple[list[dict[str, Any]], int]:

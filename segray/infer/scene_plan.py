@@ -5,8 +5,8 @@ starts from, the stitch task of each scene (``StitchTask``), and the driver's ta
 
 from __future__ import annotations
 
+import json
 import logging
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,14 +19,17 @@ from segray.infer.scene_layout import (
     MASKS,
     MIXED_CRS,
     PROBABILITIES,
-    WORK,
-    check_output,
+    finished_url,
+    publication,
     scene_raster,
     scene_row,
+    work_area,
 )
-from segray.infer.scene_steps import grid_tiles, model_align, virtual_size
+from segray.infer.scene_grid import grid_tiles, virtual_size
+from segray.infer.scene_steps import model_align
 from segray.infer.steps import open_checkpoint
-from segray.io.fs import Sample, join, list_samples
+from segray.io.commit import Publication, folder_files, write_atomic
+from segray.io.fs import Sample, join, list_samples, read_bytes
 from segray.io.raster import RasterInfo, gdal_env, read_headers
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,8 @@ class ScenesPlan:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # scenes refused at planning
     chunks: list[dict[str, Any]] = field(default_factory=list)
     polygon_crs: str | None = None
+    publication: Publication | None = None
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)  # resumed: {scene id: its record}
 
     @property
     def model_name(self) -> str:
@@ -171,7 +176,8 @@ class ScenesPlan:
         n = len(grid_tiles(vh, vw, cfg.tile_size, cfg.overlap))
         scene = PlannedScene(sample, info, n, vh, vw, join(self.work, "tiles", sample.image_id))
         self.scenes[sample.image_id] = scene
-        self.chunks.extend(scene.chunk_rows(cfg.batch_size))
+        if sample.image_id not in self.finished:  # a resumed scene's outputs are written already
+            self.chunks.extend(scene.chunk_rows(cfg.batch_size))
 
     def _band_mismatch(self, info: RasterInfo) -> str | None:
         bands = self.bands
@@ -205,8 +211,10 @@ class ScenesPlan:
             polygons_url=self.polygon_part(sid) if poly else None, settings=settings)
 
 
-def plan_scenes(cfg: SceneInferJobConfig) -> ScenesPlan:
-    """Checkpoint and config checks, the output folder cleared, every scene's header read."""
+def plan_scenes(cfg: SceneInferJobConfig, samples: list[Sample] | None = None) -> ScenesPlan | dict[str, Any]:
+    """Checkpoint and config checks, the output folder made ready, every scene's header read.
+    ``samples``: the scenes, when the caller listed them (nightly); default ``cfg.source``'s.
+    Returns the committed manifest instead when ``resume`` finds the run already complete."""
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
     family = family_of(ckpt).scenes
     family.check(cfg)
@@ -223,16 +231,40 @@ def plan_scenes(cfg: SceneInferJobConfig) -> ScenesPlan:
         log.warning("tile_size %d and tile_size - overlap %d are best multiples of %d (the model's pooling "
                     "factor); otherwise tiled predictions differ slightly from untiled ones",
                     cfg.tile_size, cfg.tile_size - cfg.overlap, align)
-    samples = list_samples(cfg.source, cfg.storage)
-    check_output(cfg)
-    env = gdal_env(cfg.storage)
-    work = join(cfg.work_dir, uuid.uuid4().hex[:12]) if cfg.work_dir else join(cfg.output, WORK)
-    plan = ScenesPlan(cfg, family, ckpt, num_classes, in_channels, names, bands, align, env, work, samples)
+    samples = list_samples(cfg.source, cfg.storage) if samples is None else samples
+    pub = publication(cfg)
+    complete = pub.prepare()
+    if complete is not None:
+        return complete
+    env, work = gdal_env(cfg.storage), work_area(cfg)
+    plan = ScenesPlan(cfg, family, ckpt, num_classes, in_channels, names, bands, align, env, work, samples,
+                      publication=pub, finished=finished_scenes(work, cfg.storage) if cfg.resume else {})
     for sample, info in zip(samples, read_headers([s.image for s in samples], env)):  # per scene, not per pixel
         plan.add(sample, info)
     crss = {s.info.crs for s in plan.scenes.values()} - {None}  # scenes without a CRS get no polygons beside others
     plan.polygon_crs = None if not crss else next(iter(crss)) if len(crss) == 1 else MIXED_CRS
     return plan
+
+
+def finished_scenes(work: str, storage) -> dict[str, dict[str, Any]]:
+    """The records a killed run left of the scenes it finished (see ``StitchQueue``)."""
+    done = join(work, "done")
+    records = {}
+    for name in folder_files(done, storage):
+        if name.endswith(".json"):
+            record = json.loads(read_bytes(join(done, name), storage))
+            records[record["scene_id"]] = record
+    return records
+
+
+def record_finished(work: str, scene_id: str, result: dict[str, Any], tile_ms: float, storage) -> None:
+    """Written once a scene's stitch task has returned: its outputs are complete."""
+    record = {"scene_id": scene_id, "result": result, "tile_ms": tile_ms}
+    write_atomic(finished_url(work, scene_id), json.dumps(record, default=_plain).encode(), storage)
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _class_names(ckpt: Checkpoint) -> list[str]:

@@ -33,27 +33,14 @@ from segray.core.metrics import confusion_matrix, metric_num_classes
 from segray.core.scene_polygons import POLYGON_SCHEMA
 from segray.core.tiling import Window
 from segray.infer.scene_family import SceneFamily
-from segray.infer.scene_grid import (
-    MASK_NODATA,
-    PROB_NODATA_U8,
-    PROB_SCALE,
-    TileIndex,
-    blob_url,
-    class_map,
-    grid_tiles,
-    label_mismatch,
-    virtual_size,
-)
-from segray.infer.scene_stitch import TileCache, stitch_scene
+from segray.infer.scene_grid import blob_url, class_map, grid_tiles
+from segray.infer.scene_stitch import stitch_scene
 from segray.infer.steps import Predictor, same_shape_chunks
 from segray.io.fs import write_bytes
 from segray.io.raster import limit_gdal_cache, read_window, remap_labels
 
-__all__ = [
-    "MASK_NODATA", "PROB_NODATA_U8", "PROB_SCALE", "SEMANTIC_SCENES", "TILE_SCHEMA", "TileCache", "TileIndex",
-    "TileProbabilities", "blob_url", "class_map", "grid_tiles", "label_mismatch", "model_align", "read_tiles",
-    "stitch_scene", "tile_row", "virtual_size", "write_tiles",
-]
+__all__ = ["SEMANTIC_SCENES", "TILE_SCHEMA", "TileProbabilities", "model_align", "read_tiles", "tile_row",
+           "write_tiles"]
 
 
 def model_align(model_config: dict) -> int:

@@ -28,6 +28,9 @@ holds a scene in memory (the driver keeps a few numbers per scene). Outputs unde
     tiles.parquet                 optional, one row per tile (``scene_steps.TILE_SCHEMA``)
     polygons.parquet              GeoParquet 1.1, one row per polygon (``POLYGON_SCHEMA``)
     summary.parquet               one row: counts, throughput, aggregate metrics
+    _SUCCESS                      the commit: written last, lists every file above (segray.io.commit)
+
+A killed run commits nothing; ``resume: true`` keeps the scenes it finished (``_work/done/``).
 """
 
 from __future__ import annotations
@@ -41,21 +44,25 @@ import pyarrow.parquet as pq
 from segray.config import SceneInferJobConfig
 from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
-from segray.infer.scene_layout import SCENE_SCHEMA, TILES, check_output, target
+from segray.infer.scene_layout import SCENE_SCHEMA, TILES, target
 from segray.infer.scene_outputs import summarize, summary_rows, write_outputs
-from segray.infer.scene_plan import PlannedScene, SceneTally, ScenesPlan, TileRun, plan_scenes
+from segray.infer.scene_plan import PlannedScene, SceneTally, ScenesPlan, TileRun, plan_scenes, record_finished
 from segray.infer.scene_steps import TILE_SCHEMA, read_tiles
 from segray.io.fs import join
 from segray.runtime import model_runtime_env, start_ray
 
-__all__ = ["SCENE_SCHEMA", "build_tile_dataset", "check_output", "run_scenes", "stream_tiles", "summarize",
+__all__ = ["SCENE_SCHEMA", "build_tile_dataset", "run_scenes", "stream_tiles", "summarize",
            "summary_rows"]
 
 
-def run_scenes(cfg: SceneInferJobConfig, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs the job; returns the summary (also written to ``<output>/summary.parquet``)."""
+def run_scenes(cfg: SceneInferJobConfig, on_progress: Callable[[str], None] | None = None,
+               samples: list | None = None) -> dict[str, Any]:
+    """Runs the job; returns the summary (also written to ``<output>/summary.parquet``).
+    ``samples``: the scenes to run, when the caller listed them (default: ``cfg.source``'s)."""
     t_start = time.perf_counter()
-    plan = plan_scenes(cfg)
+    plan = plan_scenes(cfg, samples)
+    if isinstance(plan, dict):  # resume over a committed output: nothing left to do
+        return {**plan["record"], "status": "already committed"}
     run = stream_tiles(plan, t_start, on_progress)
     return write_outputs(plan, run, t_start)
 
@@ -70,7 +77,8 @@ class StitchQueue:
         self.remote = ray.remote(plan.family.stitch).options(num_cpus=plan.cfg.cpus_per_task, max_retries=1)
         self.settings = plan.stitch_settings()
         self.pending: dict[Any, str] = {}  # stitch future -> scene id
-        self.results: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, dict[str, Any]] = {sid: r["result"] for sid, r in plan.finished.items()}
+        self.tile_ms: dict[str, float] = {}
 
     def submit(self, scene: PlannedScene, tally: SceneTally) -> None:
         sid = scene.scene_id
@@ -80,6 +88,7 @@ class StitchQueue:
             return
         while len(self.pending) >= self.limit:
             self.collect(block=False)
+        self.tile_ms[sid] = tally.tile_ms
         task = self.plan.stitch_task(scene, self.settings).to_dict()
         self.pending[self.remote.remote(task, self.plan.cfg.storage)] = sid
 
@@ -95,6 +104,8 @@ class StitchQueue:
                     self.results[sid] = ray.get(ref)
                 except Exception as exc:  # the task itself died (e.g. out of memory)
                     self.results[sid] = {"status": "error", "error": f"stitch: {type(exc).__name__}: {exc}"}
+                if self.results[sid]["status"] == "ok":  # a killed run's resume starts after it
+                    record_finished(self.plan.work, sid, self.results[sid], self.tile_ms[sid], self.plan.cfg.storage)
                 if self.on_progress:
                     self.on_progress(f"scene {sid}: {self.results[sid]['status']}")
             if not block:
@@ -108,6 +119,10 @@ def stream_tiles(plan: ScenesPlan, t_start: float, on_progress: Callable[[str], 
     start_ray()
     queue = StitchQueue(plan, on_progress)
     tallies = {sid: SceneTally(s.num_tiles) for sid, s in plan.scenes.items()}
+    for sid, record in plan.finished.items():
+        if sid in tallies:
+            tallies[sid] = SceneTally(plan.scenes[sid].num_tiles, done=plan.scenes[sid].num_tiles,
+                                      tile_ms=record["tile_ms"])
     tile_writer = None
     if cfg.per_tile_rows:
         fs, path = target(join(cfg.output, TILES), cfg.storage)

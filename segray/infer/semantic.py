@@ -20,16 +20,18 @@ from segray.infer.family import ImageStages
 from segray.infer.runs import PREDICTIONS, run_counts
 from segray.infer.steps import Predictor, encode
 from segray.io.fs import join, pyarrow_fs
-from segray.io.reads import read_decode
+from segray.io.images import full_scale
+from segray.io.reads import path_item, read_decode
 
 
 def semantic_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> ImageStages:
     if cfg.coco_json or cfg.class_masks:
         raise ConfigError("coco_json/class_masks: ground truth of instances needs an instance (Mask R-CNN) checkpoint")
     return ImageStages(
-        items=[{"image": s.image, "mask": s.mask or "", "image_id": s.image_id} for s in samples],
+        items=[{**path_item("image", s.image), **path_item("mask", s.mask), "image_id": s.image_id} for s in samples],
         read=read_decode,
-        read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels},
+        read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
+                     "full_scale": full_scale(ckpt.band_stats), "out_of_range": cfg.out_of_range},
         predictor=Predictor,
         predictor_kwargs={"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size},
         encode=encode,
@@ -40,7 +42,7 @@ def semantic_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> Ima
 def summarize_semantic(cfg: InferJobConfig, ckpt: Checkpoint, num_inputs: int, wall_s: float) -> dict[str, Any]:
     """Counts, and the dataset-level metrics from the summed confusion matrices of rows with ground truth."""
     fs, path = pyarrow_fs(join(cfg.output, PREDICTIONS), cfg.storage)
-    cols = ["status", "error", "height", "width", "confusion", "decode_ms", "predict_ms"]
+    cols = ["status", "error_kind", "height", "width", "confusion", "decode_ms", "predict_ms"]
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=cols)
     summary = run_counts(cfg, ckpt, num_inputs, wall_s, table)
     cms = [c for c in table["confusion"].to_pylist() if c is not None]

@@ -6,9 +6,10 @@ A sink is used in three steps, whatever the workload (images, nightly) and the m
     sink.write(dataset)     the rows, a Ray Dataset of the family's schema, streamed to storage
     sink.commit(record)     publish the run: what a reader trusts is written last
 
-``ParquetFolderSink`` is a run's ``predictions/`` folder with ``summary.parquet`` beside it;
+``ParquetFolderSink`` is a run's ``predictions/`` folder with ``summary.parquet`` beside it,
+published by the ``_SUCCESS`` manifest every job writes (:mod:`segray.io.commit`);
 ``PartitionSink`` is one night of the nightly layout, committed by its ``_SUCCESS`` record
-(see :mod:`segray.infer.nightly`). A table format (Iceberg, Delta) is one more class here.
+(see :mod:`segray.infer.nightly`). A table format (Iceberg, Delta) is one more class.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 import uuid
 from collections import Counter
 from typing import Any, Protocol
@@ -26,7 +26,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segray.config import ConfigError, StorageOptions
-from segray.io.fs import exists, get_fs, join, pyarrow_fs, remove_tree
+from segray.io.commit import Publication, committed_files, folder_files, write_atomic
+from segray.io.fs import get_fs, join, pyarrow_fs, remove_tree
 
 PREDICTIONS = "predictions"  # the row folder under a run's output
 SUMMARY = "summary.parquet"
@@ -46,32 +47,100 @@ class RowSink(Protocol):
 
 
 class ParquetFolderSink:
-    """``<output>/predictions/*.parquet`` (Ray Data's files), then ``<output>/summary.parquet``."""
+    """``<output>/predictions/part-<attempt>_*.parquet``, ``<output>/summary.parquet``, published by
+    ``<output>/_SUCCESS`` (:mod:`segray.io.commit`): complete or absent.
 
-    def __init__(self, output: str, storage: StorageOptions | None, overwrite: bool = False,
-                 num_cpus: float = 1.0):
-        self.output, self.storage, self.overwrite, self.num_cpus = output, storage, overwrite, num_cpus
+    ``inputs`` are the source paths the run must cover. With ``resume``, the part files a killed
+    run finished are kept (a Parquet file is readable only once its footer is written, and an
+    object only once its upload completes) and their inputs land in ``done``: the job runs the
+    rest. ``complete`` is the manifest when ``resume`` finds the output already committed.
+    """
+
+    def __init__(self, output: str, storage: StorageOptions | None, inputs: list[str], overwrite: bool = False,
+                 resume: bool = False, num_cpus: float = 1.0):
+        self.output, self.storage, self.inputs, self.num_cpus = output, storage, inputs, num_cpus
         self.rows_url = join(output, PREDICTIONS)
+        self.publication = Publication(output, storage, "infer", overwrite=overwrite, resume=resume)
+        self.done: set[str] = set()
+        self.kept: list[str] = []  # part files of earlier attempts that this run keeps
+        self.complete: dict[str, Any] | None = None
 
     def prepare(self) -> None:
-        """Ray Data appends to existing Parquet folders: refuse unless asked to overwrite."""
-        if exists(self.rows_url, self.storage):
-            if not self.overwrite:
-                raise ConfigError(f"output: {self.rows_url} already exists (set overwrite=true to replace it)")
-            remove_tree(self.rows_url, self.storage)
+        self.complete = self.publication.prepare()
+        if self.complete is None and self.publication.resume:
+            self._keep_finished()
+
+    def _keep_finished(self) -> None:
+        """Keep each finished part file of earlier attempts whose rows are new inputs of this run;
+        remove the rest (unreadable: cut off mid-write; or rows already kept, or not asked for)."""
+        wanted = set(self.inputs)
+        for name in folder_files(self.rows_url, self.storage):
+            url = join(self.rows_url, name)
+            try:
+                paths = _read_table(url, self.storage, ["source_path"])["source_path"].to_pylist()
+            except Exception:  # a truncated file: its rows are not done
+                paths = None
+            if paths is None or not name.endswith(".parquet") or self.done & set(paths) or set(paths) - wanted:
+                _remove_file(url, self.storage)
+                continue
+            self.done.update(paths)
+            self.kept.append(name)
+
+    def files(self) -> list[str]:
+        """The part files of this run: those kept, and this attempt's (not a killed run's late ones)."""
+        mine = f"part-{self.publication.attempt}_"
+        return [n for n in folder_files(self.rows_url, self.storage) if n in self.kept or n.startswith(mine)]
 
     def write(self, dataset) -> None:
         fs, path = pyarrow_fs(self.rows_url, self.storage)
         # The write asks for the encode tasks' CPUs, so Ray Data fuses encode->Write into one task:
         # with its default 1 CPU the Write ran as separate tasks, one more object-store hop per
         # block, and waited for a whole free CPU beside the busy actors.
-        dataset.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": self.num_cpus})
+        dataset.write_parquet(path, filesystem=fs, filename_provider=part_names(self.publication.attempt),
+                              ray_remote_args={"num_cpus": self.num_cpus})
+
+    def rows(self, columns: list[str]) -> pa.Table:
+        urls = [join(self.rows_url, n) for n in self.files()]
+        if not urls:
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return pa.concat_tables([_read_table(u, self.storage, columns) for u in urls], promote_options="default")
 
     def commit(self, record: dict[str, Any]) -> dict[str, Any]:
+        """One row per input or nothing; the summary file, then the manifest (the commit), then
+        whatever else is in the folder goes (late writes of a killed run's tasks)."""
+        files = self.files()
+        verify_rows(self.rows(["source_path"]), self.inputs)
         fs, path = pyarrow_fs(join(self.output, SUMMARY), self.storage)
-        row = {k: [", ".join(v) if isinstance(v, list) else v] for k, v in record.items()}
-        pq.write_table(pa.Table.from_pydict(row), path, filesystem=fs)
+        pq.write_table(pa.Table.from_pylist([record]), path, filesystem=fs)
+        self.publication.commit(record, files=[f"{PREDICTIONS}/{n}" for n in files] + [SUMMARY])
+        for name in set(folder_files(self.rows_url, self.storage)) - set(files):
+            _remove_file(join(self.rows_url, name), self.storage)
         return record
+
+
+def committed_rows(url: str, storage: StorageOptions | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The committed rows of a run: ``url`` is its output folder or that folder's ``predictions/``.
+    Raises ConfigError when the run is not committed (killed, or still running)."""
+    output = url.rstrip("/")
+    if posixpath.basename(output) == PREDICTIONS:
+        output = output[: -len(PREDICTIONS)].rstrip("/") or "."
+    urls = [u for u in committed_files(output, storage, under=PREDICTIONS) if u.endswith(".parquet")]
+    if not urls:
+        raise ConfigError(f"{url}: the committed run has no rows")
+    return pa.concat_tables([_read_table(u, storage, columns) for u in urls], promote_options="default")
+
+
+def _read_table(url: str, storage: StorageOptions | None, columns: list[str]) -> pa.Table:
+    fs, path = pyarrow_fs(url, storage)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _remove_file(url: str, storage: StorageOptions | None) -> None:
+    fs, path = get_fs(url, storage)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
 
 
 def part_names(attempt: str):
@@ -99,27 +168,6 @@ def _uncommit_and_clear(partition: str, storage: StorageOptions | None) -> None:
     remove_tree(partition, storage)
 
 
-def _write_atomic(url: str, data: bytes, storage: StorageOptions | None) -> None:
-    """All or nothing: one PUT on object storage; temp file + rename on a local disk."""
-    fs, path = get_fs(url, storage)
-    if "://" in url and not url.startswith("file://"):
-        fs.pipe_file(path, data)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _partition_files(partition: str, storage: StorageOptions | None) -> list[str]:
     """Names (relative to the partition) of every file in it."""
     fs, path = get_fs(partition, storage)
@@ -136,11 +184,13 @@ class PartitionSink:
     ``prepare`` removes whatever is there (the ``_SUCCESS`` first, so a partition is never
     committed with files missing); ``write`` names the data files after the attempt; ``commit``
     checks one row per input, writes the inputs table, then the record (the commit), then
-    removes files no record lists (late writes of a killed attempt's tasks).
+    removes files no record lists (late writes of a killed attempt's tasks). ``subfolders`` hold
+    this attempt's other outputs (a scenes night's rasters), kept by the commit.
     """
 
-    def __init__(self, partition: str, storage: StorageOptions | None, schema: pa.Schema):
-        self.partition, self.storage, self.schema = partition, storage, schema
+    def __init__(self, partition: str, storage: StorageOptions | None, schema: pa.Schema,
+                 subfolders: tuple[str, ...] = ()):
+        self.partition, self.storage, self.schema, self.subfolders = partition, storage, schema, subfolders
         self.attempt = uuid.uuid4().hex[:12]
 
     def prepare(self) -> None:
@@ -149,6 +199,13 @@ class PartitionSink:
     def write(self, dataset) -> None:
         fs, path = pyarrow_fs(self.partition, self.storage)
         dataset.write_parquet(path, filesystem=fs, filename_provider=part_names(self.attempt))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Rows made on the driver (a scenes night's scene rows), as one data file of the attempt."""
+        fs, path = pyarrow_fs(join(self.partition, f"part-{self.attempt}_driver.parquet"), self.storage)
+        if "://" not in self.partition or self.partition.startswith("file://"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(table.cast(self.schema), path, filesystem=fs)
 
     def files(self) -> list[str]:
         """This attempt's data files (names relative to the partition)."""
@@ -174,10 +231,10 @@ class PartitionSink:
             os.makedirs(os.path.dirname(ppath), exist_ok=True)
         pq.write_table(inputs, ppath, filesystem=pfs)
         record = {"format": FORMAT, **record, "attempt": self.attempt, "files": files, "inputs_file": inputs_file}
-        _write_atomic(join(self.partition, SUCCESS), json.dumps(record, indent=1).encode(), self.storage)
+        write_atomic(join(self.partition, SUCCESS), json.dumps(record, indent=1).encode(), self.storage)
         keep = set(files) | {inputs_file, SUCCESS}
         for name in _partition_files(self.partition, self.storage):
-            if name not in keep:
+            if name not in keep and not name.startswith(tuple(f"{d}/" for d in self.subfolders)):
                 try:
                     fs, path = get_fs(join(self.partition, name), self.storage)
                     fs.rm(path)

@@ -10,6 +10,7 @@ gets ``status="error"`` and a reason, and later steps pass it through untouched.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from segray.core.checkpoint import FILENAME, Checkpoint
 from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
 from segray.core.models import build_model
 from segray.config import StorageOptions
+from segray.io.commit import read_manifest
 from segray.io.fs import fsspec_options, join
 from segray.io.reads import NO_MASK
 
@@ -29,8 +31,11 @@ OUTPUT_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("source_path", pa.string()),
+        ("source_path_bytes", pa.binary()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("warnings", pa.list_(pa.string())),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("bands", pa.int32()),
@@ -50,23 +55,50 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
-def resolve_checkpoint(url: str) -> str:
-    """A checkpoint is a ``.pt`` file or a directory holding ``checkpoint.pt``."""
-    return url if url.endswith(".pt") else join(url, FILENAME)
+def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> str:
+    """A checkpoint is a ``.pt`` file, a directory holding ``checkpoint.pt``, or a committed
+    training run's folder (its ``_SUCCESS`` names the best checkpoint)."""
+    if url.endswith(".pt"):
+        return url
+    manifest = read_manifest(url, storage)
+    if manifest is not None and manifest.get("job") == "train":
+        return join(manifest["record"]["best_checkpoint"], FILENAME)
+    return join(url, FILENAME)
 
 
 def open_checkpoint(url: str, storage: StorageOptions | None = None) -> Checkpoint:
     """The checkpoint at ``url`` (local or any fsspec URL), read and validated once."""
     import fsspec
 
-    path = resolve_checkpoint(url)
+    path = resolve_checkpoint(url, storage)
     with fsspec.open(path, "rb", **fsspec_options(path, storage)) as f:
         return Checkpoint.load(f.read())
 
 
-def error_reasons(errors: list[str | None], most: int = 20) -> list[str]:
-    """The distinct kinds of error of a run (the text before the first colon), for its summary."""
-    return sorted({e.split(":")[0] for e in errors if e})[:most]
+def error_reasons(kinds: list[str | None], most: int = 20) -> list[dict[str, Any]]:
+    """``[{"kind": ..., "count": ...}]`` of a run's error rows, most frequent first, for its summary.
+
+    Takes the rows' ``error_kind`` values; an error message works too (its kind is the text
+    before the first colon: messages begin with it), so callers holding only messages count
+    the same kinds.
+    """
+    counts = Counter(k.split(":", 1)[0].strip() for k in kinds if k)
+    ranked = sorted(counts.items(), key=lambda kc: (-kc[1], kc[0]))
+    return [{"kind": k, "count": c} for k, c in ranked[:most]]
+
+
+def row_paths(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    """The path columns of output row ``i``: ``source_path`` (readable), ``source_path_bytes``."""
+    raw = batch["source_path_bytes"][i]
+    return {"source_path": str(batch["source_path"][i]),
+            "source_path_bytes": bytes(raw) if isinstance(raw, bytes) and raw else None}
+
+
+def row_problems(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    """``error`` and ``error_kind`` (null on ok rows) and ``warnings`` (a list) of output row ``i``."""
+    warnings = batch["warnings"][i]
+    return {"error": batch["error"][i] or None, "error_kind": batch["error_kind"][i] or None,
+            "warnings": str(warnings).split("\n") if isinstance(warnings, str) and warnings else []}
 
 
 def same_shape_chunks(images: list[np.ndarray], max_batch: int) -> Iterator[list[int]]:
@@ -104,17 +136,25 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.mean, self.std = ckpt.normalization()
 
-    def usable(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list[int]]:
-        """Rows' status and error, and the rows to predict: earlier errors pass through untouched."""
+    def checked(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list, list[int]]:
+        """Rows' status, error and error kind, and the rows to predict: earlier errors pass
+        through untouched; a wrong band count is a ``band_mismatch``."""
         status, error = list(batch["status"]), list(batch["error"])
+        kinds = list(batch["error_kind"]) if "error_kind" in batch else [str(e or "").split(":")[0] for e in error]
         todo = []
         for i, im in enumerate(batch["pixels"]):
             if status[i] != "ok":
                 continue
             if im.shape[0] != self.model_cfg.in_channels:
-                status[i], error[i] = "error", f"{what} has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
+                status[i], kinds[i] = "error", "band_mismatch"
+                error[i] = f"band_mismatch: {what} has {im.shape[0]} bands, model expects {self.model_cfg.in_channels}"
                 continue
             todo.append(i)
+        return status, error, kinds, todo
+
+    def usable(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list[int]]:
+        """``checked`` without the kinds (scene tiles carry none)."""
+        status, error, _, todo = self.checked(batch, what)
         return status, error, todo
 
     @torch.inference_mode()
@@ -140,13 +180,14 @@ class Predictor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        status, error, todo = self.usable(batch)
+        status, error, kinds, todo = self.checked(batch)
         preds: list[np.ndarray] = [NO_MASK.astype(np.uint8)] * len(status)
         conf = np.full(len(status), np.nan)
         for i, (p, c) in zip(todo, self.predict([batch["pixels"][i] for i in todo])):
             preds[i], conf[i] = p, c
         out = {k: v for k, v in batch.items() if k != "pixels"}  # drop pixels early: memory
-        out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object), pred=preds,
+        out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
+                   error_kind=np.array(kinds, dtype=object), pred=preds,
                    mean_confidence=conf, model_name=np.full(len(status), self.model_cfg.name, dtype=object),
                    checkpoint_id=np.full(len(status), self.checkpoint_id, dtype=object),
                    predict_ms=np.full(len(status), (time.perf_counter() - t0) * 1000 / max(len(status), 1)))
@@ -172,11 +213,12 @@ def encode(batch: dict[str, Any], class_names: list[str], ignore_index: int | No
                 "dice": [v for key, v in m.items() if key.startswith("dice/")],
                 "confusion": cm.flatten().tolist(),
             }
-        for col in ("image_id", "source_path", "status", "error", "height", "width", "bands",
-                    "model_name", "checkpoint_id", "decode_ms", "predict_ms"):
+        for col in ("image_id", "status", "height", "width", "bands", "model_name", "checkpoint_id",
+                    "decode_ms", "predict_ms"):
             v = batch[col][i]
             rows[col].append(v.item() if isinstance(v, np.generic) else v)
-        rows["error"][-1] = rows["error"][-1] or None
+        for col, v in {**row_paths(batch, i), **row_problems(batch, i)}.items():
+            rows[col].append(v)
         rows["mask_png"].append(masks.encode_png(pred) if ok else None)
         rows["class_fractions"].append(masks.class_fractions(pred, k).tolist() if ok else None)
         conf = float(batch["mean_confidence"][i])

@@ -29,9 +29,14 @@ _MASK_EXTENSIONS = {".png", ".tif", ".tiff", ".bmp", ".gif", ".jpg", ".jpeg", ".
 
 @dataclass(frozen=True)
 class Sample:
-    image: str
+    image: str  # the URL to open (surrogate-escaped where a local name is not UTF-8)
     mask: Optional[str]
-    image_id: str
+    image_id: str  # readable (see readable_path)
+
+    @property
+    def source_path(self) -> str:
+        """The row key: the output rows' ``source_path``, valid UTF-8 (see readable_path)."""
+        return readable_path(self.image)
 
 
 # --------------------------------------------------------------------------- filesystems
@@ -126,6 +131,39 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+# --------------------------------------------------------------------------- path names
+
+# A local file name is bytes; Python lists names that are not valid UTF-8 as str with surrogate
+# escapes ("scene_\udcff.png"), which open() takes but Arrow strings cannot hold. Rows therefore
+# carry a readable form (the invalid bytes as backslash escapes) plus the raw bytes when, and
+# only when, the name is not valid UTF-8: lossless, and the readable form is the row key.
+
+
+def path_bytes(path: str | bytes) -> bytes | None:
+    """The exact bytes of ``path`` when they are not valid UTF-8, else None."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return None
+
+
+def readable_path(path: str | bytes) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 written as ``\\xff`` escapes."""
+    if isinstance(path, str):
+        try:
+            return os.fsencode(path).decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+            return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return path.decode("utf-8", "backslashreplace")
+
+
+def real_path(readable: str, raw: bytes | None) -> str:
+    """The path to open again from a row's readable form and raw bytes (surrogate-escaped str)."""
+    return os.fsdecode(raw) if isinstance(raw, bytes) and raw else readable
+
+
 def _to_url(url: str, path: str) -> str:
     """Rebuild a URL with the scheme of ``url`` around a filesystem ``path``."""
     if "://" not in url:
@@ -196,13 +234,23 @@ def _exts(source: SourceConfig) -> set[str]:
     return {e.lower() if e.startswith(".") else "." + e.lower() for e in source.extensions}
 
 
+def _is_file(name: str, info: dict) -> bool:
+    """A file, or a local symlink that is not a folder's: fsspec types every local symlink
+    'other', and a dangling one must still be listed so that it becomes an error row."""
+    if name.endswith("/"):  # S3 folder markers
+        return False
+    if info.get("islink"):
+        return not os.path.isdir(name)
+    return info.get("type") == "file"
+
+
 def _files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     """{relative path: full path} of every file under ``root``: one recursive listing."""
     root = root.rstrip("/")
     found = fs.find(root, detail=True, withdirs=False)
     out = {}
     for name, info in found.items():
-        if info.get("type") != "file" or name.endswith("/"):  # S3 folder markers
+        if not _is_file(name, info):
             continue
         rel = name[len(root) :].lstrip("/") if name.startswith(root) else name
         out[rel or posixpath.basename(name)] = name
@@ -267,7 +315,7 @@ def _glob(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[st
     assert source.glob is not None
     fs, pattern = get_fs(source.glob, storage)
     found = fs.glob(pattern, detail=True)
-    names = sorted(n for n, info in found.items() if info.get("type") == "file" and not n.endswith("/"))
+    names = sorted(n for n, info in found.items() if _is_file(n, info))
     if not names:
         raise FileNotFoundError(f"no files match {source.glob}")
     base = _glob_base(pattern).rstrip("/")
@@ -371,5 +419,7 @@ def list_samples(source: SourceConfig, storage: StorageOptions | None = None) ->
     samples = []
     for url, image_id, stem in items:
         mask = explicit.get(url) or masks.get(stem + source.mask_suffix)
-        samples.append(Sample(image=url, mask=mask, image_id=image_id))
+        # URLs stay openable (surrogate-escaped where a name is not UTF-8); the id is a row key
+        # and an output name, so it is the readable form.
+        samples.append(Sample(image=url, mask=mask, image_id=readable_path(image_id)))
     return samples

@@ -15,9 +15,9 @@ import numpy as np
 
 from segray.config import StorageOptions
 from segray.core.instances import CocoIndex, instances_from_coco, instances_from_id_mask
-from segray.io.fs import Sample, get_fs, read_bytes
+from segray.io.fs import Sample, get_fs, read_bytes, readable_path
 from segray.io.images import decode_mask
-from segray.io.reads import NO_IMAGE, fetch_many, read_decode, read_reason
+from segray.io.reads import NO_IMAGE, fetch_many, item_urls, path_item, read_decode, read_reason
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def instance_items(
     """Rows for the decode step: every sample (as listed, in order) with its ground truth, if any.
 
     Returns (items, {COCO category id: label} or None, the parsed COCO file or None). Items have
-    ``image, mask, class_mask, annotations, coco_image_id, image_id, row_index``.
+    ``image, mask, class_mask, annotations, coco_image_id, image_id, row_index`` (the URLs as
+    :func:`segray.io.reads.path_item` gives them, with their ``*_path_bytes``).
     """
     coco = cat_labels = None
     matched: dict[int, int] = {}
@@ -82,8 +83,8 @@ def instance_items(
         if class_masks and s.mask:
             stem = _stem(s.image)
             class_mask = classes.get(stem) or classes.get(stem + mask_suffix) or ""
-        items.append({"image": s.image, "mask": s.mask or "", "class_mask": class_mask, "annotations": anns,
-                      "coco_image_id": coco_id, "image_id": s.image_id, "row_index": i})
+        items.append({**path_item("image", s.image), **path_item("mask", s.mask), **path_item("class_mask", class_mask),
+                      "annotations": anns, "coco_image_id": coco_id, "image_id": s.image_id, "row_index": i})
     return items, cat_labels, coco
 
 
@@ -95,20 +96,24 @@ def read_decode_instances(
     num_classes: int | None = None,
     ignore_index: int | None = None,
     category_labels: list[list[int]] | None = None,
+    full_scale: float | None = None,
+    out_of_range: str = "warn",
 ) -> dict[str, Any]:
     """``read_decode`` plus the ground truth as ``target`` (``Instances`` JSON, '' without).
 
     Instance-id masks (``mask``), class maps (``class_mask``) and COCO annotations
-    (``annotations``) are read here; broken ground truth makes the row an error row.
+    (``annotations``) are read here; broken ground truth makes the row an error row
+    (``mask_mismatch``).
     """
     n = len(batch["image"])
-    base = read_decode({"image": batch["image"], "mask": batch["mask"], "image_id": batch["image_id"]},
-                       storage=storage, bands=bands, max_pixels=max_pixels)
-    class_urls = [str(u) if u else "" for u in batch["class_mask"]]
+    keys = [k for k in ("image", "image_path_bytes", "mask", "mask_path_bytes", "image_id") if k in batch]
+    base = read_decode({k: batch[k] for k in keys}, storage=storage, bands=bands, max_pixels=max_pixels,
+                       full_scale=full_scale, out_of_range=out_of_range)
+    class_urls = item_urls(batch, "class_mask")
     wanted = [u for u, s in zip(class_urls, base["status"]) if u and s == "ok"]
     class_data = dict(zip(wanted, fetch_many(wanted, storage))) if wanted else {}
     labels = {int(c): int(lab) for c, lab in (category_labels or [])}
-    status, error = list(base["status"]), list(base["error"])
+    status, error, kinds = list(base["status"]), list(base["error"]), list(base["error_kind"])
     targets = [""] * n
     for i in range(n):
         if status[i] != "ok":
@@ -120,7 +125,7 @@ def read_decode_instances(
                 if class_urls[i]:
                     data = class_data[class_urls[i]]
                     if isinstance(data, Exception):
-                        raise ValueError(f"class map {class_urls[i]}: {read_reason(data)}")
+                        raise ValueError(f"class map: {read_reason(data, class_urls[i])[1]}")
                     class_map = decode_mask(data, class_urls[i])
                     if class_map.shape != (h, w):
                         raise ValueError(f"class map is {class_map.shape}, image is {(h, w)}")
@@ -134,13 +139,15 @@ def read_decode_instances(
                     raise ValueError(f"COCO says {entry['height']}x{entry['width']} (HxW), image is {h}x{w}")
                 targets[i] = instances_from_coco(entry["annotations"], h, w, labels).to_json()
         except Exception as exc:  # broken ground truth: an error row, like a broken image
-            status[i], error[i] = "error", f"ground truth: {type(exc).__name__}: {exc}"
+            status[i], kinds[i] = "error", "mask_mismatch"
+            error[i] = readable_path(f"mask_mismatch: ground truth: {type(exc).__name__}: {exc}")
     out = {k: v for k, v in base.items() if k != "gt"}
     ok = np.array([s == "ok" for s in status])
     out["pixels"] = [p if k else NO_IMAGE for p, k in zip(base["pixels"], ok)]
     for col in ("height", "width", "bands"):
         out[col] = [v if k else 0 for v, k in zip(base[col], ok)]
     out.update(status=np.array(status, dtype=object), error=np.array(error, dtype=object),
+               error_kind=np.array(kinds, dtype=object),
                target=np.array(targets, dtype=object), has_gt=np.array([bool(t) for t in targets]),
                coco_image_id=np.asarray(batch["coco_image_id"], np.int64),
                row_index=np.asarray(batch["row_index"], np.int64))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from segray.config import TrainJobConfig
+from segray.io.commit import Publication
 from segray.io.fs import join, pyarrow_fs
 from segray.runtime import model_runtime_env, start_ray
 from segray.train.loop import train_loop_per_worker
@@ -96,6 +97,10 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     from segray.data.datasets import build_datasets
     from segray.train.plots import plot_curves
 
+    # A rerun under the same name withdraws the last run's commit first: Ray Train rotates the
+    # checkpoints it lists (num_to_keep), and a killed rerun must not look like a finished run.
+    publication = Publication(join(job.train.storage_path, job.train.name), job.data.storage, "train")
+    publication.uncommit()
     start_ray()
     data = build_datasets(job.data, seed=job.train.seed)
     job = TASKS[job.task].prepare(job, data.decoded)
@@ -113,7 +118,7 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     plot_curves(history, curves, metric=job.train.metric, storage=job.data.storage)
     best_url = _url(job.train.storage_path, best.path)
     test = evaluate_test_set(job, best_url, run_path) if job.data.test_source is not None else {}
-    return TrainResult(
+    result = TrainResult(
         run_path=run_path,
         best_checkpoint=best_url,
         latest_checkpoint=_url(job.train.storage_path, result.checkpoint.path),
@@ -123,6 +128,17 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
         test_metrics=test,
         class_weights=job.loss.class_weights if isinstance(job.loss.class_weights, list) else None,
     )
+    commit_run(result, job.data.storage)
+    return result
+
+
+def commit_run(result: TrainResult, storage) -> dict[str, Any]:
+    """The run folder's ``_SUCCESS`` (segray.io.commit), last: ``segray infer`` given the run
+    folder as ``checkpoint`` reads its best checkpoint from here; a killed run has none."""
+    record = {"best_checkpoint": result.best_checkpoint, "latest_checkpoint": result.latest_checkpoint,
+              "best_metrics": result.best_metrics, "epochs": len(result.history), "curves_png": result.curves_png,
+              "test_metrics": {k: v for k, v in result.test_metrics.items() if isinstance(v, (int, float, str))}}
+    return Publication(result.run_path, storage, "train").commit(record)
 
 
 def summary_rows(result: TrainResult, class_names: list[str]) -> list[tuple[str, Any]]:

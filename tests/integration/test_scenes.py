@@ -25,7 +25,7 @@ from segray.core.checkpoint import FILENAME, load_payload, make_payload, save_pa
 from segray.core.models import build_model
 from segray.core.polygons import mask_to_polygons
 from segray.core.tiling import blocks
-from segray.infer.scene_steps import MASK_NODATA
+from segray.infer.scene_grid import MASK_NODATA
 from segray.infer.scenes import SCENE_SCHEMA, run_scenes
 from segray.io.fs import get_fs, pyarrow_fs
 from segray.io.raster import CogBlockWriter, gdal_env, is_cog, open_info
@@ -162,7 +162,7 @@ def test_polygons_cross_tile_borders_whole(generated):
 
 
 def test_existing_output_is_refused_unless_overwrite(generated):
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds a committed result"):
         run_scenes(generated["cfg"].model_copy(update={"overwrite": False}))
 
 

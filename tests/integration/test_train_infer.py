@@ -59,6 +59,21 @@ def test_training_reports_metrics_checkpoint_and_curves(trained):
         assert Image.open(f).format == "PNG"
 
 
+def test_a_finished_run_is_committed_and_its_folder_names_the_best_checkpoint(trained, tmp_path):
+    from segray.infer.steps import open_checkpoint
+    from segray.io.commit import committed_files, read_manifest
+
+    data, result, _ = trained
+    manifest = read_manifest(result.run_path)
+    assert manifest["job"] == "train" and manifest["record"]["best_checkpoint"] == result.best_checkpoint
+    assert os.path.join(result.best_checkpoint, FILENAME) in committed_files(result.run_path)
+    assert manifest["record"]["epochs"] == 2
+    assert open_checkpoint(result.run_path).id == open_checkpoint(result.best_checkpoint).id
+    summary = run_inference(InferJobConfig(source=SourceConfig(images=data["images"], limit=2),
+                                           checkpoint=result.run_path, output=str(tmp_path / "out")))
+    assert summary["num_ok"] == 2 and summary["checkpoint_id"] == open_checkpoint(result.best_checkpoint).id
+
+
 def test_inference_masks_equal_direct_forward_pass(trained, tmp_path):
     data, result, _ = trained
     cfg = InferJobConfig(source=SourceConfig(images=data["images"], masks=data["masks"]),

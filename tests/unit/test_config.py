@@ -172,7 +172,7 @@ def test_every_example_config_loads():
     """configs/*.yaml (written for the flat model section) load unchanged."""
     jobs = {"demo_train": TrainJobConfig, "scenes_train": TrainJobConfig, "train_instance": TrainJobConfig,
             "demo_infer": InferJobConfig, "infer_instance": InferJobConfig, "scenes_infer": SceneInferJobConfig,
-            "nightly": NightlyJobConfig}
+            "nightly": NightlyJobConfig, "nightly_iceberg": NightlyJobConfig}
     assert {p.stem for p in (REPO / "configs").glob("*.yaml")} <= set(jobs)
     for stem, cls in jobs.items():
         path = REPO / "configs" / f"{stem}.yaml"
@@ -224,7 +224,7 @@ def test_inference_jobs_share_the_actor_pool():
     assert isinstance(nightly.infer, ActorPoolConfig) and "batch_size" not in nightly.model_dump()
     infer = nightly.infer_config("out")
     assert infer.output == "out" and {k: getattr(infer, k) for k in ImagePoolConfig.model_fields} == {
-        **pool, "max_pixels": 1000}
+        **pool, "max_pixels": 1000, "out_of_range": "warn"}
 
 
 def test_config_package_is_the_lowest_layer():

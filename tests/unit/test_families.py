@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from segray.config import ConfigError, InferJobConfig, build_config
 from segray.core.checkpoint import Checkpoint
 from segray.infer.families import FAMILIES, family_of
 from segray.infer.instance import INSTANCE_SCHEMA, InstancePredictor
-from segray.infer.sinks import PREDICTIONS, SUMMARY, ParquetFolderSink, verify_rows
+from segray.infer.sinks import verify_rows
 from segray.infer.steps import OUTPUT_SCHEMA, Predictor
 from segray.io.fs import Sample
 
@@ -30,27 +29,14 @@ def test_families_give_the_images_pipeline_its_steps(tmp_path):
     ckpt = Checkpoint(task="semantic", model_config={"name": "unet", "num_classes": 2}, class_names=["bg", "fg"],
                       model_state={}, ignore_index=255, bands=[2, 1, 0])
     stages = family_of(ckpt).image_stages(cfg, samples, ckpt)
-    assert stages.items == [{"image": f"{tmp_path}/a.png", "mask": "", "image_id": "a"}]
+    assert stages.items == [{"image": f"{tmp_path}/a.png", "image_path_bytes": b"", "mask": "",
+                             "mask_path_bytes": b"", "image_id": "a"}]
     assert stages.read_kwargs["bands"] == [2, 1, 0], "inputs are read with the bands the model was trained on"
     assert stages.predictor is Predictor and stages.predictor_kwargs["max_batch"] == 3
     assert stages.encode_kwargs == {"class_names": ["bg", "fg"], "ignore_index": 255}
     with pytest.raises(ConfigError, match="needs an instance"):
         family_of(ckpt).image_stages(cfg.model_copy(update={"coco_json": "x.json"}), samples, ckpt)
     assert issubclass(InstancePredictor, Predictor) and InstancePredictor.task == "instance"
-
-
-def test_parquet_folder_sink_refuses_or_replaces_what_is_there(tmp_path):
-    rows = tmp_path / "out" / PREDICTIONS
-    rows.mkdir(parents=True)
-    (rows / "old.parquet").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="already exists"):
-        ParquetFolderSink(str(tmp_path / "out"), None).prepare()
-    assert (rows / "old.parquet").exists()
-    ParquetFolderSink(str(tmp_path / "out"), None, overwrite=True).prepare()
-    assert not rows.exists()
-    record = ParquetFolderSink(str(tmp_path / "out"), None).commit({"num_ok": 3, "error_reasons": ["a", "b"]})
-    assert record["num_ok"] == 3
-    assert pq.read_table(tmp_path / "out" / SUMMARY).to_pylist() == [{"num_ok": 3, "error_reasons": "a, b"}]
 
 
 def test_rows_are_verified_one_per_input_before_a_commit():

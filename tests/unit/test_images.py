@@ -13,7 +13,17 @@ import rasterio
 from PIL import Image
 from rasterio.io import MemoryFile
 
-from segray.io.images import ImageDecodeError, decode_image, decode_mask, image_size, sniff_format
+from segray.io.images import (
+    KINDS,
+    ImageDecodeError,
+    _pil_bands,
+    decode_image,
+    decode_mask,
+    full_scale,
+    image_size,
+    range_problem,
+    sniff_format,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -62,12 +72,43 @@ def test_png_band_counts(arr, bands):
     np.testing.assert_array_equal(out, arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
 
 
-def test_palette_png_gives_indices():
+def _palette_png(idx: np.ndarray, transparency: int | None = None) -> bytes:
+    img = Image.fromarray(idx, "L").convert("P")
+    img.putpalette([v for c in range(256) for v in (c * 7 % 256, 255 - c, (c * 31) % 256)])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **({"transparency": transparency} if transparency is not None else {}))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("transparency", [None, 2])
+def test_palette_png_image_is_rgb_mask_keeps_indices(transparency):
     idx = RNG.integers(0, 6, (10, 12), dtype=np.uint8)
-    data = png(idx, palette=True)
-    assert Image.open(io.BytesIO(data)).mode == "P"
-    np.testing.assert_array_equal(decode_image(data)[0], idx)
-    np.testing.assert_array_equal(decode_mask(data), idx)
+    data = _palette_png(idx, transparency)
+    img = Image.open(io.BytesIO(data))
+    assert img.mode == "P" and (transparency is None) == ("transparency" not in img.info)
+    out = decode_image(data)
+    assert out.shape == (3, 10, 12) and image_size(data) == (10, 12, 3)
+    np.testing.assert_array_equal(out, np.asarray(img.convert("RGB")).transpose(2, 0, 1))
+    np.testing.assert_array_equal(decode_mask(data), idx)  # a class map: the index is the class
+    assert _pil_bands(Image.new("PA", (2, 2)), "pa.png") == 3  # PIL opens some files as PA (no PNG writer)
+
+
+def test_cmyk_jpeg_is_rgb():
+    cmyk = Image.fromarray(RNG.integers(0, 256, (16, 24, 4), dtype=np.uint8), "CMYK")
+    buf = io.BytesIO()
+    cmyk.save(buf, format="JPEG", quality=95)
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    assert img.mode == "CMYK"
+    out = decode_image(buf.getvalue(), "c.jpg")
+    np.testing.assert_array_equal(out, np.asarray(img.convert("RGB")).transpose(2, 0, 1))
+
+
+def test_unsupported_modes_are_named():
+    with pytest.raises(ImageDecodeError, match="image mode LAB") as err:
+        _pil_bands(Image.new("LAB", (2, 2)), "x.png")  # no format we decode with PIL stores LAB
+    assert err.value.kind == "unsupported_mode"
+    err = _reason(geotiff(np.zeros((1, 4, 4), np.complex64)))
+    assert err[0] == "unsupported_mode" and "complex" in err[1]
 
 
 def test_16bit_png_keeps_values():
@@ -162,55 +203,87 @@ def _png_with_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _reason(data: bytes, **kw) -> str:
+def _reason(data: bytes, **kw) -> tuple[str, str]:
+    """(kind, message) of bytes that must not decode."""
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, "bad.img", **kw)
-    assert isinstance(err.value, ValueError)
-    assert str(err.value).startswith("bad.img: ")
-    return str(err.value)
+    assert isinstance(err.value, ValueError) and err.value.kind in KINDS
+    # The message begins with the kind: text-only consumers count kinds by the first colon.
+    assert str(err.value).startswith(f"{err.value.kind}: bad.img: ")
+    return err.value.kind, str(err.value)
 
 
 def test_empty_file():
-    assert "empty file (0 bytes)" in _reason(b"")
+    kind, msg = _reason(b"")
+    assert kind == "empty" and "empty file (0 bytes)" in msg
 
 
 def test_random_bytes():
-    assert "not an image" in _reason(RNG.integers(1, 255, 4096, dtype=np.uint8).tobytes())
+    assert _reason(RNG.integers(1, 255, 4096, dtype=np.uint8).tobytes())[0] == "not_an_image"
 
 
 def test_text_file():
-    reason = _reason(b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>")
-    assert "not an image" in reason and "text" in reason and "xml" in reason
+    kind, reason = _reason(b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>")
+    assert kind == "not_an_image" and "text" in reason and "xml" in reason
 
 
 def test_truncated_png():
     data = png(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    assert "truncated" in _reason(data[: len(data) // 2])
+    kind, msg = _reason(data[: len(data) // 2])
+    assert kind == "truncated" and "truncated" in msg
 
 
 def test_truncated_tiff():
     data = geotiff(RNG.integers(0, 65535, (3, 128, 128)).astype(np.uint16))
-    assert "truncated" in _reason(data[: len(data) // 2])
-    assert "TIFF" in _reason(data[:100])  # header cut: the directory itself is missing
+    kind, msg = _reason(data[: len(data) // 2])
+    assert kind == "truncated" and "truncated" in msg
+    kind, msg = _reason(data[:100])  # header cut: the directory itself is missing
+    assert kind == "truncated" and "TIFF" in msg
 
 
 def test_too_many_pixels_checked_before_decoding():
-    assert "too many pixels" in _reason(png(np.zeros((100, 100), np.uint8)), max_pixels=9_999)
-    assert "too many pixels" in _reason(geotiff(np.zeros((1, 100, 100), np.uint8)), max_pixels=9_999)
-    # 50_000 x 50_000 claimed by a tiny file: refused from the header alone.
-    assert "too many pixels" in _reason(_png_with_size(50_000, 50_000), max_pixels=64_000_000)
-    assert "too many pixels" in _reason(_png_with_size(50_000, 50_000))  # PIL's bomb guard
+    for data, kw in [(png(np.zeros((100, 100), np.uint8)), {"max_pixels": 9_999}),
+                     (geotiff(np.zeros((1, 100, 100), np.uint8)), {"max_pixels": 9_999}),
+                     # 50_000 x 50_000 claimed by a tiny file: refused from the header alone.
+                     (_png_with_size(50_000, 50_000), {"max_pixels": 64_000_000}),
+                     (_png_with_size(50_000, 50_000), {})]:  # PIL's bomb guard
+        kind, msg = _reason(data, **kw)
+        assert kind == "too_large" and "too many pixels" in msg
     assert decode_image(png(np.zeros((100, 100), np.uint8)), max_pixels=10_000).shape == (1, 100, 100)
 
 
 def test_band_out_of_range():
-    assert "band index 3 out of range" in _reason(png(np.zeros((4, 4, 3), np.uint8)), bands=[0, 3])
-    assert "out of range" in _reason(geotiff(np.zeros((2, 4, 4), np.int16)), bands=[-1])
+    kind, msg = _reason(png(np.zeros((4, 4, 3), np.uint8)), bands=[0, 3])
+    assert kind == "band_mismatch" and "band index 3 out of range" in msg
+    assert _reason(geotiff(np.zeros((2, 4, 4), np.int16)), bands=[-1])[0] == "band_mismatch"
+
+
+# --------------------------------------------------------------------------- value range
+
+
+def test_full_scale_from_band_statistics():
+    assert full_scale({"mean": [127.5, 100.0, 90.0], "std": [73.6, 60.0, 50.0]}) == 255  # uniform 8-bit: 201
+    assert full_scale({"mean": [0.45], "std": [0.25]}) == 1.0
+    assert full_scale({"mean": [1500.0], "std": [900.0]}) == 65535  # 16-bit reflectance
+    assert full_scale({"mean": [0.0], "std": [1.0]}) is None  # standardised: no full scale
+    assert full_scale({"mean": [9e4], "std": [1e4]}) is None
+    assert full_scale(None) is None
+
+
+def test_16bit_rgb_tiff_flagged_for_an_8bit_checkpoint():
+    scale = full_scale({"mean": [120.0] * 3, "std": [60.0] * 3})
+    data = geotiff(RNG.integers(0, 65536, (3, 16, 16)).astype(np.uint16), photometric="RGB")
+    problem = range_problem(decode_image(data), scale)
+    assert problem is not None and problem.startswith("out_of_range: pixel values up to 6")
+    assert "~255" in problem
+    assert range_problem(decode_image(png(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8))), scale) is None
+    assert range_problem(decode_image(data), None) is None  # a checkpoint that cannot tell: no judgement
 
 
 def test_rgb_mask_rejected():
-    with pytest.raises(ImageDecodeError, match="3 bands"):
+    with pytest.raises(ImageDecodeError, match="3 bands") as err:
         decode_mask(png(np.zeros((4, 4, 3), np.uint8)), "m.png")
+    assert err.value.kind == "mask_mismatch"
     with pytest.raises(ImageDecodeError, match="RGB"):
         decode_mask(geotiff(np.zeros((3, 4, 4), np.uint8), photometric="RGB"), "m.tif")
 

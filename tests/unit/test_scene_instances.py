@@ -25,7 +25,7 @@ from segray.infer.scene_instances import (
     merge_instances,
     merge_scene_instances,
 )
-from segray.infer.scene_steps import MASK_NODATA, grid_tiles
+from segray.infer.scene_grid import MASK_NODATA, grid_tiles
 from segray.io.fs import write_bytes
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spacenet4_atlanta_solaris"

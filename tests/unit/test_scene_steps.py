@@ -27,16 +27,9 @@ from segray.core.polygons import mask_to_polygons, to_geoparquet
 from segray.core.scene_polygons import BlockPolygonizer, geoparquet_metadata, polygon_table, to_map
 from segray.core.tiling import blocks, tile_grid, tiles_touching
 from segray.data.chips import chip_rows, chip_windows, read_chips, read_vector_labels
-from segray.infer.scene_steps import (
-    MASK_NODATA,
-    TileIndex,
-    TileProbabilities,
-    grid_tiles,
-    read_tiles,
-    stitch_scene,
-    virtual_size,
-    write_tiles,
-)
+from segray.infer.scene_grid import MASK_NODATA, TileIndex, grid_tiles, virtual_size
+from segray.infer.scene_steps import TileProbabilities, read_tiles, write_tiles
+from segray.infer.scene_stitch import stitch_scene
 from segray.io.raster import CogBlockWriter, is_cog, open_info
 from segray.testing.raster import make_test_cog, scene_pattern
 from scenes_util import make_checkpoint, read_all, untiled_probabilities

@@ -205,7 +205,7 @@ def test_entrypoints_keep_the_command_line_of_their_segray_command(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert yaml.safe_load(proc.stdout)["batch_size"] == 3
     proc = _entrypoint("jobs/infer.py", cfg, "--set", "batch_size=0")
-    assert proc.returncode == 2 and "batch_size" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "batch_size" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert _entrypoint("jobs/nightly.py").returncode == 2  # the config argument is required
 
 

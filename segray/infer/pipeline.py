@@ -18,7 +18,7 @@ from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
 from segray.infer.sinks import ParquetFolderSink
 from segray.infer.steps import open_checkpoint
-from segray.io.fs import list_samples
+from segray.io.fs import list_samples, readable_path
 from segray.runtime import model_runtime_env, start_ray
 
 
@@ -57,14 +57,14 @@ def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
     samples = list_samples(cfg.source, cfg.storage)
     from segray.infer.iceberg import IcebergSink  # the sink: an Iceberg table with `table:`, else the folder
     sink = IcebergSink.for_infer(cfg, ckpt, samples) if cfg.table is not None else ParquetFolderSink(
-        cfg.output, cfg.storage, [s.image for s in samples], overwrite=cfg.overwrite, resume=cfg.resume,
+        cfg.output, cfg.storage, [readable_path(s.image) for s in samples], overwrite=cfg.overwrite, resume=cfg.resume,
         num_cpus=cfg.cpus_per_task)
     sink.prepare()
     if sink.complete is not None:  # resume over a committed output: nothing left to do
         return {**sink.complete["record"], "status": "already committed"}
 
     t0 = time.perf_counter()
-    todo = [s for s in samples if s.image not in sink.done]
+    todo = [s for s in samples if readable_path(s.image) not in sink.done]  # rows key on the readable form
     if todo:
         start_ray()
         sink.write(build_dataset(cfg, todo, ckpt))

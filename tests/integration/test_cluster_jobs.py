@@ -93,7 +93,9 @@ def test_submit_train_infer_and_nightly_on_a_two_node_cluster(tmp_path, s3, s3_b
     proc = submit(cluster, s3, "submit", "infer", infer_cfg, "--env-from-local",
                   "--set", f"checkpoint={bucket}/no-such-run", "--set", f"output={bucket}/pred2")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "FAILED" in proc.stderr and "FileNotFoundError" in proc.stderr, proc.stderr[-3000:]
+    # the job fails on one line naming the field and the path (fail fast), not with a traceback
+    assert "FAILED" in proc.stderr and "error: checkpoint:" in proc.stderr and "not found" in proc.stderr, \
+        proc.stderr[-3000:]
 
     # ---- nightly, twice, over a growing archive.
     def night(run_date: str) -> str:

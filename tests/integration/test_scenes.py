@@ -87,7 +87,7 @@ def generated(tmp_path_factory, ray_local):
 
 def test_scene_rows_keep_crs_transform_bounds_and_report_errors(generated):
     s, out = generated["summary"], generated["out"]
-    assert (s["num_scenes"], s["num_ok"], s["num_error"]) == (4, 3, 1) and s["error_reasons"] == ["unreadable"]
+    assert (s["num_scenes"], s["num_ok"], s["num_error"]) == (4, 3, 1) and s["error_reasons"] == [{"kind": "unreadable", "count": 1}]
     table = pq.read_table(out / "scenes.parquet")
     assert table.schema.equals(SCENE_SCHEMA, check_metadata=False)
     rows = _scenes(table)

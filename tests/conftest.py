@@ -62,6 +62,13 @@ def ray_local():
     yield ray
 
 
+@pytest.fixture
+def ray_up(ray_local):
+    """The session's local Ray, started again if an earlier test shut it down."""
+    _start_local_ray()
+    return ray_local
+
+
 def pytest_sessionfinish(session, exitstatus):
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         sys.modules["ray"].shutdown()

@@ -47,3 +47,20 @@ def read_all(path: str) -> tuple[np.ndarray, dict]:
     with rasterio.open(path) as ds:
         return ds.read(), {"crs": ds.crs, "transform": ds.transform, "nodata": ds.nodata, "profile": ds.profile,
                            "overviews": ds.overviews(1), "block_shapes": ds.block_shapes}
+
+
+def write_unet_checkpoint(url: str, storage, seed: int = 0) -> str:
+    """A small random-init U-Net checkpoint for the demo classes at ``url`` (a folder, local or
+    s3://): what training would save, without training."""
+    import io
+
+    from segray.core.checkpoint import FILENAME
+    from segray.demo.scenes import DEMO_CLASSES
+    from segray.io.fs import join, write_bytes
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(num_classes=len(DEMO_CLASSES), depth=2, base_width=8)
+    buf = io.BytesIO()
+    torch.save(make_payload(build_model(cfg), cfg.model_dump(mode="json"), DEMO_CLASSES, None), buf)
+    write_bytes(join(url, FILENAME), buf.getvalue(), storage)
+    return url

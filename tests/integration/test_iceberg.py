@@ -21,39 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from segray.config import InferJobConfig, ModelConfig, NightlyJobConfig, build_config
-from segray.core.checkpoint import FILENAME, make_payload
-from segray.core.models import build_model
-from segray.demo.scenes import DEMO_CLASSES, make_scene
+from segray.config import InferJobConfig, NightlyJobConfig, build_config
+from segray.demo.scenes import make_scene
 from segray.infer.iceberg import lineage, open_table, props_of
 from segray.infer.nightly import run_nightly, table_nights
 from segray.infer.pipeline import run_inference
 from segray.io.fs import get_fs, join, write_bytes
 
+from scenes_util import write_unet_checkpoint
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def ray_up(ray_local):
-    if not ray_local.is_initialized():
-        ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       configure_logging=False)
-    return ray_local
-
-
-def write_checkpoint(url: str, storage, seed: int = 0) -> str:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(num_classes=len(DEMO_CLASSES), depth=2, base_width=8)
-    payload = make_payload(build_model(cfg), cfg.model_dump(mode="json"), DEMO_CLASSES, None)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    write_bytes(join(url, FILENAME), buf.getvalue(), storage)
-    return url
 
 
 def put_images(archive: str, storage, ids: range, size: int = 64, content_of=None) -> list[str]:
@@ -125,7 +106,7 @@ def test_nights_into_an_iceberg_table_exactly_one_row_per_image_across_a_killed_
     else:
         storage, root, warehouse, env = None, str(tmp_path / "data"), str(tmp_path / "warehouse"), {}
     archive = join(root, "archive")
-    write_checkpoint(join(root, "ckpt"), storage)
+    write_unet_checkpoint(join(root, "ckpt"), storage)
 
     def night(date: str, **kw) -> NightlyJobConfig:
         return build_config(NightlyJobConfig, {
@@ -188,7 +169,7 @@ def test_nights_into_an_iceberg_table_exactly_one_row_per_image_across_a_killed_
 def test_infer_job_into_a_table_rerun_upserts(tmp_path, ray_up):
     images = tmp_path / "images"
     paths = put_images(str(images), None, range(5))
-    ckpt = write_checkpoint(str(tmp_path / "ckpt"), None)
+    ckpt = write_unet_checkpoint(str(tmp_path / "ckpt"), None)
     cfg = build_config(InferJobConfig, {"source": {"images": str(images)}, "checkpoint": ckpt,
                                         "output": str(tmp_path / "out"), "batch_size": 2, "num_actors": 1,
                                         "table": table_section(tmp_path, str(tmp_path / "warehouse"), "segray.infer")})

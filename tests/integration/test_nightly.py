@@ -25,34 +25,16 @@ from PIL import Image
 from segray.config import ModelConfig, NightlyJobConfig, build_config
 from segray.core.checkpoint import FILENAME, make_payload
 from segray.core.models import build_model
-from segray.demo.scenes import DEMO_CLASSES, make_scene
+from segray.demo.scenes import make_scene
 from segray.infer.nightly import SUCCESS, committed_runs, partition_url, read_committed, run_nightly
 from segray.io.fs import get_fs, join, write_bytes
+
+from scenes_util import write_unet_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 COLS = ["source_path", "image_id", "status"]
-
-
-@pytest.fixture
-def ray_up(ray_local):
-    """The session's local Ray, started again if an earlier test shut it down."""
-    if not ray_local.is_initialized():
-        ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       configure_logging=False)
-    return ray_local
-
-
-def write_checkpoint(url: str, storage, seed: int = 0) -> str:
-    """A small random-init U-Net checkpoint (what training would save; no training needed)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(num_classes=len(DEMO_CLASSES), depth=2, base_width=8)
-    payload = make_payload(build_model(cfg), cfg.model_dump(mode="json"), DEMO_CLASSES, None)
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    write_bytes(join(url, FILENAME), buf.getvalue(), storage)
-    return url
 
 
 def png(i: int, size: int = 64) -> bytes:
@@ -92,7 +74,7 @@ def partition_files(cfg: NightlyJobConfig) -> list[str]:
 def test_nights_process_only_new_or_changed_images_exactly_once(s3, s3_bucket, ray_up):
     storage = s3.storage_options()
     archive = f"s3://{s3_bucket}/archive"
-    write_checkpoint(f"s3://{s3_bucket}/ckpt", storage)
+    write_unet_checkpoint(f"s3://{s3_bucket}/ckpt", storage)
     first = put_images(archive, storage, range(6))
 
     # Night 1: everything is new.
@@ -155,7 +137,7 @@ def _gcs_address(ray) -> str:
 def test_killed_driver_then_rerun_leaves_exactly_one_row_per_image(tmp_path, s3, s3_bucket, ray_up):
     storage = s3.storage_options()
     archive = f"s3://{s3_bucket}/archive"
-    write_checkpoint(f"s3://{s3_bucket}/ckpt", storage)
+    write_unet_checkpoint(f"s3://{s3_bucket}/ckpt", storage)
     first = put_images(archive, storage, range(4))
     run_nightly(nightly_config(s3_bucket, storage, "2025-02-01"))
     more = put_images(archive, storage, range(4, 44), size=96)
@@ -253,7 +235,7 @@ def test_nights_of_an_instance_checkpoint_commit_instance_rows(tmp_path, ray_up)
     assert (s2["processed"], s2["done_before"]) == (1, 3)
     assert read_committed(str(out), columns=["image_id", "num_instances"]).num_rows == 4
 
-    semantic = write_checkpoint(str(tmp_path / "unet"), None)
+    semantic = write_unet_checkpoint(str(tmp_path / "unet"), None)
     with pytest.raises(ConfigError, match="holds 'instance' rows"):
         run_nightly(night("2025-03-03", semantic))
     assert not (out / "run_date=2025-03-03").exists(), "refused before anything was written"

@@ -23,14 +23,10 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-from segray.config import (ConfigError, InferJobConfig, ModelConfig, SceneInferJobConfig, StorageOptions,
-                           build_config)
-from segray.core.checkpoint import FILENAME, make_payload
-from segray.core.models import build_model
-from segray.demo.scenes import DEMO_CLASSES, make_scene
+from segray.config import ConfigError, InferJobConfig, SceneInferJobConfig, StorageOptions, build_config
+from segray.demo.scenes import make_scene
 from segray.infer.pipeline import run_inference
 from segray.infer.scenes import run_scenes
 from segray.infer.sinks import PREDICTIONS, committed_rows
@@ -38,21 +34,12 @@ from segray.io.commit import SUCCESS, committed_files, folder_files, read_manife
 from segray.io.fs import get_fs, join, pyarrow_fs, read_bytes, write_bytes
 from segray.testing.raster import make_test_cog
 
-from scenes_util import make_checkpoint
+from scenes_util import make_checkpoint, write_unet_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 WHERE = ["local", pytest.param("s3", marks=pytest.mark.s3)]
-
-
-@pytest.fixture
-def ray_up(ray_local):
-    """The session's local Ray, started again if an earlier test shut it down."""
-    if not ray_local.is_initialized():
-        ray_local.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       configure_logging=False)
-    return ray_local
 
 
 @pytest.fixture
@@ -69,15 +56,6 @@ def _png(i: int, size: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _unet_checkpoint(url: str, storage) -> str:
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_classes=len(DEMO_CLASSES), depth=2, base_width=8)
-    buf = io.BytesIO()
-    torch.save(make_payload(build_model(cfg), cfg.model_dump(mode="json"), DEMO_CLASSES, None), buf)
-    write_bytes(join(url, FILENAME), buf.getvalue(), storage)
-    return url
 
 
 def _finished_parts(rows_url: str, storage) -> list[str]:
@@ -124,7 +102,7 @@ def test_killed_infer_commits_nothing_then_resume_and_overwrite_stay_whole(place
     out = join(root, "out")
     rows_url = join(out, PREDICTIONS)
     cfg = build_config(InferJobConfig, {"source": {"images": join(root, "images")},
-                                        "checkpoint": _unet_checkpoint(join(root, "ckpt"), storage), "output": out,
+                                        "checkpoint": write_unet_checkpoint(join(root, "ckpt"), storage), "output": out,
                                         "batch_size": 2, "num_actors": 1, "storage": storage.model_dump()})
 
     _run_killed("jobs/infer.py", cfg, tmp_path, env, ray_up, lambda: bool(_finished_parts(rows_url, storage)))

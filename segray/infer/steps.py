@@ -19,12 +19,12 @@ import pyarrow as pa
 import torch
 
 from segray.core import masks
-from segray.core.checkpoint import FILENAME, Checkpoint
+from segray.core.checkpoint import Checkpoint
 from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
 from segray.core.models import build_model
 from segray.config import StorageOptions
-from segray.io.commit import read_manifest
-from segray.io.fs import fsspec_options, join
+from segray.io.commit import resolve_checkpoint
+from segray.io.fs import fsspec_options
 from segray.io.reads import NO_MASK
 
 OUTPUT_SCHEMA = pa.schema(
@@ -53,17 +53,6 @@ OUTPUT_SCHEMA = pa.schema(
         ("predict_ms", pa.float64()),
     ]
 )
-
-
-def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> str:
-    """A checkpoint is a ``.pt`` file, a directory holding ``checkpoint.pt``, or a committed
-    training run's folder (its ``_SUCCESS`` names the best checkpoint)."""
-    if url.endswith(".pt"):
-        return url
-    manifest = read_manifest(url, storage)
-    if manifest is not None and manifest.get("job") == "train":
-        return join(manifest["record"]["best_checkpoint"], FILENAME)
-    return join(url, FILENAME)
 
 
 def open_checkpoint(url: str, storage: StorageOptions | None = None) -> Checkpoint:

@@ -160,3 +160,16 @@ class Publication:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_checkpoint(url: str, storage: StorageOptions | None = None) -> str:
+    """The checkpoint file of ``url``: a ``.pt`` file, a folder holding ``checkpoint.pt``, or a
+    committed training run's folder (its ``_SUCCESS`` names the best checkpoint)."""
+    from segray.core.checkpoint import FILENAME
+
+    if url.endswith(".pt"):
+        return url
+    manifest = read_manifest(url, storage)
+    if manifest is not None and manifest.get("job") == "train":
+        return join(manifest["record"]["best_checkpoint"], FILENAME)
+    return join(url, FILENAME)

@@ -284,12 +284,13 @@ def check_bands(count: int, image: str, in_channels: int, bands: list[int] | Non
 
 
 def check_checkpoint(url: str, storage: StorageOptions | None = None, field: str = "checkpoint"):
-    """The checkpoint (a ``.pt`` file or a folder holding ``checkpoint.pt``) exists and loads;
+    """The checkpoint (a ``.pt`` file, a folder holding ``checkpoint.pt``, a committed run) exists and loads;
     returns it (a ``segray.core.checkpoint.Checkpoint``)."""
-    from segray.core.checkpoint import FILENAME, Checkpoint
+    from segray.core.checkpoint import Checkpoint
+    from segray.io.commit import resolve_checkpoint
 
     check_storage(url, storage, field)
-    path_url = url if url.endswith(".pt") else join(url, FILENAME)
+    path_url = resolve_checkpoint(url, storage)  # the same file the job will open
     fs, path = get_fs(path_url, storage)
     if not _fs_call(lambda: fs.exists(path), path_url, field):
         raise PreflightError(f"{field}: {path_url} not found")

@@ -193,3 +193,15 @@ def test_stage_lines(capsys):
         with stage("train", every=60):
             raise RuntimeError("boom")
     assert capsys.readouterr().out.splitlines()[-1].startswith("train: failed after ")
+
+
+def test_a_committed_training_run_checks_its_best_checkpoint(ckpt, tmp_path):
+    from segray.io.commit import Publication
+
+    run = tmp_path / "runs" / "t"
+    run.mkdir(parents=True)
+    Publication(str(run), None, "train").commit({"best_checkpoint": str(ckpt)})
+    assert pf.check_checkpoint(str(run)).num_classes == 2, "the run folder names its best checkpoint"
+    Publication(str(run), None, "train").uncommit()  # a killed rerun: no commit, nothing to read
+    with pytest.raises(pf.PreflightError, match=rf"^checkpoint: {run}/{FILENAME} not found$"):
+        pf.check_checkpoint(str(run))

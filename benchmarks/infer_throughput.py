@@ -47,7 +47,7 @@ from segray.core.metrics import metric_num_classes
 from segray.core.models import build_model
 from segray.demo.scenes import DEMO_CLASSES, make_scene
 from segray.infer.steps import OUTPUT_SCHEMA, open_checkpoint
-from segray.io.fs import list_samples
+from segray.io.sources import list_samples
 from segray.io.images import decode_image
 from segray.runtime import keep_freed_memory
 

@@ -37,7 +37,7 @@ from rich.table import Table
 from segray.config import InferJobConfig, ModelConfig, SourceConfig
 from segray.demo.instance_scenes import INSTANCE_DEMO_CLASSES, make_instance_scene
 from segray.infer.instance import InstancePredictor
-from segray.io.fs import list_samples
+from segray.io.sources import list_samples
 from segray.io.images import decode_image
 
 sys.path.insert(0, str(Path(__file__).parent))  # the U-Net benchmark's helpers

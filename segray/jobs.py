@@ -98,7 +98,7 @@ def _fits(image: str, source, storage, ckpt, bands, field: str, bands_field: str
 
 
 def _kind(source) -> str:
-    from segray.io.fs import source_kind
+    from segray.io.sources import source_kind
 
     return source_kind(source)
 

@@ -26,7 +26,8 @@ import numpy as np
 from segray.config import ChipsConfig, DataConfig, StorageOptions
 from segray.core.tiling import Window, tile_grid
 from segray.core.transforms import BandStats, compute_band_stats
-from segray.io.fs import Sample, list_samples, read_bytes
+from segray.io.fs import Sample, read_bytes
+from segray.io.sources import list_samples
 
 log = logging.getLogger(__name__)
 STATS_SAMPLE = 256

@@ -16,7 +16,8 @@ from segray.core.transforms import BandStats, compute_band_stats, resize_pair
 from segray.data.chips import build_chip_datasets
 from segray.data.instance_datasets import build_instance_datasets
 from segray.data.plans import STATS_SAMPLE, TrainingData, ordered_items, split_samples, train_plan, val_plan
-from segray.io.fs import Sample, list_samples
+from segray.io.fs import Sample
+from segray.io.sources import list_samples
 from segray.io.reads import read_decode
 
 log = logging.getLogger(__name__)

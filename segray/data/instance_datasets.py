@@ -17,7 +17,7 @@ import numpy as np
 from segray.config import DataConfig
 from segray.core.transforms import BandStats, compute_band_stats
 from segray.data.plans import STATS_SAMPLE, TrainingData, ordered_items, shuffled, split_samples
-from segray.io.fs import list_samples
+from segray.io.sources import list_samples
 from segray.io.instance_reads import category_ids_for, instance_items, read_decode_instances
 
 log = logging.getLogger(__name__)

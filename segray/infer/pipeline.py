@@ -18,7 +18,8 @@ from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
 from segray.infer.sinks import ParquetFolderSink
 from segray.infer.steps import open_checkpoint
-from segray.io.fs import list_samples, readable_path
+from segray.io.fs import readable_path
+from segray.io.sources import list_samples
 from segray.runtime import model_runtime_env, start_ray
 
 

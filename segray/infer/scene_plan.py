@@ -29,7 +29,8 @@ from segray.infer.scene_grid import grid_tiles, virtual_size
 from segray.infer.scene_steps import model_align
 from segray.infer.steps import open_checkpoint
 from segray.io.commit import Publication, folder_files, write_atomic
-from segray.io.fs import Sample, join, list_samples, read_bytes
+from segray.io.fs import Sample, join, read_bytes
+from segray.io.sources import list_samples
 from segray.io.raster import RasterInfo, gdal_env, read_headers
 
 log = logging.getLogger(__name__)

@@ -88,6 +88,35 @@ def instance_items(
     return items, cat_labels, coco
 
 
+def _class_map(class_data: dict, url: str | None, h: int, w: int) -> np.ndarray | None:
+    """The class map paired with an instance-id mask (``class_mask``), checked against the image."""
+    if not url:
+        return None
+    data = class_data[url]
+    if isinstance(data, Exception):
+        raise ValueError(f"class map: {read_reason(data, url)[1]}")
+    class_map = decode_mask(data, url)
+    if class_map.shape != (int(h), int(w)):
+        raise ValueError(f"class map is {class_map.shape}, image is {(int(h), int(w))}")
+    return class_map
+
+
+def _target(batch: dict, base: dict, i: int, class_map, labels: dict, ignore_index, num_classes) -> str:
+    """Row ``i``'s ground truth as ``Instances`` JSON: from its id mask or its COCO annotations."""
+    h, w = int(base["height"][i]), int(base["width"][i])
+    if batch["mask"][i]:
+        inst, warnings = instances_from_id_mask(base["gt"][i], class_map, ignore_index, num_classes)
+        for msg in warnings:
+            log.warning("%s: %s", base["source_path"][i], msg)
+        return inst.to_json()
+    if batch["annotations"][i]:
+        entry = json.loads(str(batch["annotations"][i]))
+        if entry.get("height") and entry.get("width") and (int(entry["height"]), int(entry["width"])) != (h, w):
+            raise ValueError(f"COCO says {entry['height']}x{entry['width']} (HxW), image is {h}x{w}")
+        return instances_from_coco(entry["annotations"], h, w, labels).to_json()
+    return ""
+
+
 def read_decode_instances(
     batch: dict[str, Any],
     storage: StorageOptions | None = None,
@@ -119,25 +148,9 @@ def read_decode_instances(
         if status[i] != "ok":
             continue
         try:
-            h, w = int(base["height"][i]), int(base["width"][i])
-            if batch["mask"][i]:
-                class_map = None
-                if class_urls[i]:
-                    data = class_data[class_urls[i]]
-                    if isinstance(data, Exception):
-                        raise ValueError(f"class map: {read_reason(data, class_urls[i])[1]}")
-                    class_map = decode_mask(data, class_urls[i])
-                    if class_map.shape != (h, w):
-                        raise ValueError(f"class map is {class_map.shape}, image is {(h, w)}")
-                inst, warnings = instances_from_id_mask(base["gt"][i], class_map, ignore_index, num_classes)
-                for msg in warnings:
-                    log.warning("%s: %s", base["source_path"][i], msg)
-                targets[i] = inst.to_json()
-            elif batch["annotations"][i]:
-                entry = json.loads(str(batch["annotations"][i]))
-                if entry.get("height") and entry.get("width") and (int(entry["height"]), int(entry["width"])) != (h, w):
-                    raise ValueError(f"COCO says {entry['height']}x{entry['width']} (HxW), image is {h}x{w}")
-                targets[i] = instances_from_coco(entry["annotations"], h, w, labels).to_json()
+            class_map = (_class_map(class_data, class_urls[i], base["height"][i], base["width"][i])
+                         if batch["mask"][i] else None)
+            targets[i] = _target(batch, base, i, class_map, labels, ignore_index, num_classes)
         except Exception as exc:  # broken ground truth: an error row, like a broken image
             status[i], kinds[i] = "error", "mask_mismatch"
             error[i] = readable_path(f"mask_mismatch: ground truth: {type(exc).__name__}: {exc}")

@@ -22,24 +22,19 @@ from typing import Callable, Optional
 from urllib.parse import urlparse
 
 from segray.config import ConfigError, SourceConfig, StorageOptions
-from segray.io.fs import get_fs, join
+from segray.io.fs import S3_SCHEMES, get_fs, join, scheme_of, to_url
 
 __all__ = [
     "PreflightError", "check_bands", "check_checkpoint", "check_exists", "check_output", "check_source",
     "check_storage", "check_writable", "first_image", "image_bands", "reset_probe_cache",
 ]
 
-_S3 = ("s3", "s3a")
 CONNECT_TIMEOUT_S = 1.5
 READ_TIMEOUT_S = 3.0
 
 
 class PreflightError(ConfigError):
     """A check before any cluster work failed; the message is one line naming the field or path."""
-
-
-def _scheme(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
 def _local(url: str) -> str:
@@ -92,7 +87,7 @@ def _reason(exc: BaseException) -> str:
 def check_storage(url: str, storage: StorageOptions | None = None, field: str = "storage") -> None:
     """For an s3:// URL: the endpoint answers, credentials are found and accepted, the bucket
     exists. One HEAD request (cached per endpoint, key and bucket); other URLs pass."""
-    if _scheme(url) not in _S3:
+    if scheme_of(url) not in S3_SCHEMES:
         return
     import botocore.session
     from botocore.config import Config
@@ -174,10 +169,6 @@ def check_exists(url: str, storage: StorageOptions | None = None, field: str = "
         raise PreflightError(f"{field}: {url} {'not found' if what == 'file' else 'does not exist'}")
 
 
-def _exts(source: SourceConfig) -> set[str]:
-    return {e.lower() if e.startswith(".") else "." + e.lower() for e in source.extensions}
-
-
 def _first_in_folder(fs, root: str, exts: set[str], budget: int = 50) -> Optional[str]:
     """The first file (by name) with one of ``exts`` under ``root``, walking folders depth first
     (a few listings, not the whole tree)."""
@@ -194,15 +185,11 @@ def _first_in_folder(fs, root: str, exts: set[str], budget: int = 50) -> Optiona
     return None
 
 
-def _to_url(like: str, path: str) -> str:
-    return f"{like.split('://', 1)[0]}://{path}" if "://" in like else path
-
-
 def first_image(source: SourceConfig, storage: StorageOptions | None = None, field: str = "source") -> str:
     """The URL of one image ``source`` names (checks that it exists and lists), without listing
     everything: a folder is walked until its first image, a glob's first match, a manifest's
     first row."""
-    from segray.io.fs import LISTERS, source_kind
+    from segray.io.sources import LISTERS, image_extensions, source_kind
 
     kind = source_kind(source)
     url = getattr(source, kind)
@@ -214,10 +201,10 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
             raise PreflightError(f"{fld}: {url} does not exist")
         if _fs_call(lambda: fs.isfile(path), url, fld):
             raise PreflightError(f"{fld}: {url} is a file, not a folder (use glob or manifest for single files)")
-        found = _fs_call(lambda: _first_in_folder(fs, path, _exts(source)), url, fld)
+        found = _fs_call(lambda: _first_in_folder(fs, path, image_extensions(source)), url, fld)
         if found is None:
-            raise PreflightError(f"{fld}: no images with extensions {sorted(_exts(source))} under {url}")
-        return _to_url(url, found)
+            raise PreflightError(f"{fld}: no images with extensions {sorted(image_extensions(source))} under {url}")
+        return to_url(url, found)
     if kind == "manifest" and not _fs_call(lambda: fs.exists(path), url, fld):
         raise PreflightError(f"{fld}: {url} not found")
     try:
@@ -335,7 +322,7 @@ def check_writable(url: str, storage: StorageOptions | None = None, field: str =
     """``url`` (a folder, existing or not) can be written: a local probe file in its nearest
     existing folder; on object storage one small object under it, deleted again."""
     check_storage(url, storage, field)
-    scheme = _scheme(url)
+    scheme = scheme_of(url)
     if scheme == "file":
         _local_writable(_local(url), field, url)
         return

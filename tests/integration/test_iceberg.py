@@ -26,7 +26,8 @@ from PIL import Image
 from segray.config import InferJobConfig, NightlyJobConfig, build_config
 from segray.demo.scenes import make_scene
 from segray.infer.iceberg import lineage, open_table, props_of
-from segray.infer.nightly import run_nightly, table_nights
+from segray.infer.night_tables import table_nights
+from segray.infer.nightly import run_nightly
 from segray.infer.pipeline import run_inference
 from segray.io.fs import get_fs, join, write_bytes
 

@@ -15,6 +15,7 @@ from rasterio.io import MemoryFile
 
 from segray.config import SourceConfig, StorageOptions
 from segray.io import fs as sfs
+from segray.io.sources import list_samples
 from segray.io.images import decode_image, decode_mask
 
 
@@ -68,7 +69,7 @@ def _ids(samples):
 def test_folder_pairs_masks_by_stem(root):
     base, storage = root
     src = SourceConfig(images=f"{base}/images", masks=f"{base}/masks/", mask_suffix="_m")
-    samples = sfs.list_samples(src, storage)
+    samples = list_samples(src, storage)
     assert _ids(samples) == ["a", "c", "sub/b"]  # .txt skipped, .JPG matched case-insensitively
     by_id = {s.image_id: s for s in samples}
     assert by_id["a"].image == f"{base}/images/a.png" and by_id["a"].mask == f"{base}/masks/a_m.png"
@@ -78,7 +79,7 @@ def test_folder_pairs_masks_by_stem(root):
     s = by_id["sub/b"]
     assert decode_image(sfs.read_bytes(s.image, storage)).shape == (3, 7, 5)
     assert decode_mask(sfs.read_bytes(s.mask, storage)).max() == 2
-    assert _ids(sfs.list_samples(src.model_copy(update={"limit": 2}), storage)) == ["a", "c"]
+    assert _ids(list_samples(src.model_copy(update={"limit": 2}), storage)) == ["a", "c"]
 
 
 def test_images_and_masks_in_one_folder(root):
@@ -86,23 +87,23 @@ def test_images_and_masks_in_one_folder(root):
     sfs.write_bytes(f"{base}/mixed/p1.png", _png(5), storage)
     sfs.write_bytes(f"{base}/mixed/p1_mask.png", _png(1, "L"), storage)
     src = SourceConfig(images=f"{base}/mixed", masks=f"{base}/mixed", mask_suffix="_mask")
-    (s,) = sfs.list_samples(src, storage)
+    (s,) = list_samples(src, storage)
     assert (s.image_id, s.mask) == ("p1", f"{base}/mixed/p1_mask.png")
 
 
 def test_glob(root):
     base, storage = root
-    samples = sfs.list_samples(SourceConfig(glob=f"{base}/images/**/*.tif"), storage)
+    samples = list_samples(SourceConfig(glob=f"{base}/images/**/*.tif"), storage)
     assert [(s.image, s.image_id, s.mask) for s in samples] == [(f"{base}/images/sub/b.tif", "sub/b", None)]
     src = SourceConfig(glob=f"{base}/images/*.png", masks=f"{base}/masks", mask_suffix="_m")
-    assert [(s.image_id, s.mask) for s in sfs.list_samples(src, storage)] == [("a", f"{base}/masks/a_m.png")]
+    assert [(s.image_id, s.mask) for s in list_samples(src, storage)] == [("a", f"{base}/masks/a_m.png")]
 
 
 def test_csv_manifest(root):
     base, storage = root
     lines = ["image,mask", "images/sub/b.tif,masks/sub/b_m.tif", "", f"{base}/images/a.png", "images/c.JPG,"]
     sfs.write_bytes(f"{base}/list.csv", "\n".join(lines).encode(), storage)
-    samples = sfs.list_samples(SourceConfig(manifest=f"{base}/list.csv"), storage)
+    samples = list_samples(SourceConfig(manifest=f"{base}/list.csv"), storage)
     assert [(s.image, s.mask, s.image_id) for s in samples] == [
         (f"{base}/images/sub/b.tif", f"{base}/masks/sub/b_m.tif", "images/sub/b"),  # manifest order kept
         (f"{base}/images/a.png", None, "images/a"),
@@ -110,7 +111,7 @@ def test_csv_manifest(root):
     ]
     # A plain one-path-per-line TXT works too.
     sfs.write_bytes(f"{base}/list.txt", b"images/a.png\nimages/c.JPG\n", storage)
-    assert _ids(sfs.list_samples(SourceConfig(manifest=f"{base}/list.txt", limit=1), storage)) == ["images/a"]
+    assert _ids(list_samples(SourceConfig(manifest=f"{base}/list.txt", limit=1), storage)) == ["images/a"]
 
 
 def test_parquet_manifest(root):
@@ -119,7 +120,7 @@ def test_parquet_manifest(root):
     buf = io.BytesIO()
     pq.write_table(table, buf)
     sfs.write_bytes(f"{base}/list.parquet", buf.getvalue(), storage)
-    samples = sfs.list_samples(SourceConfig(manifest=f"{base}/list.parquet"), storage)
+    samples = list_samples(SourceConfig(manifest=f"{base}/list.parquet"), storage)
     assert [(s.image, s.mask) for s in samples] == [
         (f"{base}/images/a.png", f"{base}/masks/a_m.png"),
         (f"{base}/images/sub/b.tif", None),
@@ -129,15 +130,15 @@ def test_parquet_manifest(root):
 def test_missing_or_empty_sources_name_the_path(root):
     base, storage = root
     with pytest.raises(FileNotFoundError, match="images folder not found: .*nowhere"):
-        sfs.list_samples(SourceConfig(images=f"{base}/nowhere"), storage)
+        list_samples(SourceConfig(images=f"{base}/nowhere"), storage)
     with pytest.raises(FileNotFoundError, match="no images with extensions .* under .*masks"):
-        sfs.list_samples(SourceConfig(images=f"{base}/masks", extensions=[".jp2"]), storage)
+        list_samples(SourceConfig(images=f"{base}/masks", extensions=[".jp2"]), storage)
     with pytest.raises(FileNotFoundError, match="manifest not found: .*none.csv"):
-        sfs.list_samples(SourceConfig(manifest=f"{base}/none.csv"), storage)
+        list_samples(SourceConfig(manifest=f"{base}/none.csv"), storage)
     with pytest.raises(FileNotFoundError, match="no files match"):
-        sfs.list_samples(SourceConfig(glob=f"{base}/images/*.webp"), storage)
+        list_samples(SourceConfig(glob=f"{base}/images/*.webp"), storage)
     with pytest.raises(FileNotFoundError, match="masks folder not found"):
-        sfs.list_samples(SourceConfig(images=f"{base}/images", masks=f"{base}/nomasks"), storage)
+        list_samples(SourceConfig(images=f"{base}/images", masks=f"{base}/nomasks"), storage)
 
 
 # --------------------------------------------------------------------------- bytes, trees, parquet
@@ -194,7 +195,7 @@ def test_options_and_env_endpoint(s3, s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.endpoint_url)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # the S3-specific one wins
     sfs.write_bytes(f"s3://{s3_bucket}/env/a.png", _png(3), None)
-    assert _ids(sfs.list_samples(SourceConfig(images=f"s3://{s3_bucket}/env"), StorageOptions())) == ["a"]
+    assert _ids(list_samples(SourceConfig(images=f"s3://{s3_bucket}/env"), StorageOptions())) == ["a"]
     fs, path = sfs.pyarrow_fs(f"s3://{s3_bucket}/env", None)
     assert fs.get_file_info(f"{path}/a.png").size > 0
 

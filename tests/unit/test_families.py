@@ -91,7 +91,7 @@ def test_every_registered_model_family_has_its_training_and_inference_parts():
 
 def test_every_kind_of_source_has_one_lister(tmp_path):
     from segray.config import SourceConfig
-    from segray.io.fs import LISTERS, list_samples, source_kind
+    from segray.io.sources import LISTERS, list_samples, source_kind
 
     (tmp_path / "img").mkdir()
     for name in ("b.png", "a.png", "notes.txt"):

@@ -70,7 +70,7 @@ def test_instance_steps_without_ray(tmp_path, shared_data):
     from segray.config import SourceConfig
     from segray.core.checkpoint import make_payload, save_payload
     from segray.core.instances import decode_rle
-    from segray.io.fs import list_samples
+    from segray.io.sources import list_samples
     from segray.infer.instance import INSTANCE_SCHEMA, InstancePredictor, encode_instances, instance_items, \
         read_decode_instances
 

@@ -20,12 +20,12 @@ from segray.infer.nightly import (
     INPUTS_SCHEMA,
     SUCCESS,
     committed_runs,
-    list_archive,
     plan,
     read_committed,
     run_nightly,
 )
 from segray.infer.steps import OUTPUT_SCHEMA
+from segray.io.sources import list_archive
 
 
 def _rows(paths: list[str]) -> pa.Table:

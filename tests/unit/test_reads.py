@@ -18,7 +18,8 @@ from rasterio.io import MemoryFile
 
 from segray.config import SourceConfig
 from segray.infer.steps import error_reasons
-from segray.io.fs import list_samples, path_bytes, readable_path, real_path
+from segray.io.fs import path_bytes, readable_path, real_path
+from segray.io.sources import list_samples
 from segray.io.images import KINDS
 from segray.io.instance_reads import instance_items, read_decode_instances
 from segray.io.reads import path_item, read_decode

@@ -1,0 +1,290 @@
+"""Listing what a source names: folders, globs and manifests, each one lister behind one seam.
+
+``list_samples(source)`` gives the ``Sample`` (image URL, mask URL, id) of every input, in a
+stable order (by relative path; a manifest keeps its own order). ``list_archive`` adds each
+image's size and version (S3 ETag, else mtime) for the nightly runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import fsspec
+
+from segray.config import SourceConfig, StorageOptions
+from segray.io.fs import Sample, get_fs, join, readable_path, scheme_of, to_url
+
+# Extensions a mask may have, beyond source.extensions (masks are often PNG/TIFF next to JPEGs).
+_MASK_EXTENSIONS = {".png", ".tif", ".tiff", ".bmp", ".gif", ".jpg", ".jpeg", ".webp", ".jp2"}
+
+
+
+def _ext(path: str) -> str:
+    return posixpath.splitext(path)[1].lower()
+
+
+def _stem(rel: str) -> str:
+    return posixpath.splitext(rel)[0]
+
+
+def image_extensions(source: SourceConfig) -> set[str]:
+    return {e.lower() if e.startswith(".") else "." + e.lower() for e in source.extensions}
+
+
+def _is_file(name: str, info: dict) -> bool:
+    """A file, or a local symlink that is not a folder's: fsspec types every local symlink
+    'other', and a dangling one must still be listed so that it becomes an error row."""
+    if name.endswith("/"):  # S3 folder markers
+        return False
+    if info.get("islink"):
+        return not os.path.isdir(name)
+    return info.get("type") == "file"
+
+
+def _files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
+    """{relative path: full path} of every file under ``root``: one recursive listing."""
+    root = root.rstrip("/")
+    found = fs.find(root, detail=True, withdirs=False)
+    out = {}
+    for name, info in found.items():
+        if not _is_file(name, info):
+            continue
+        rel = name[len(root) :].lstrip("/") if name.startswith(root) else name
+        out[rel or posixpath.basename(name)] = name
+    return out
+
+
+def _require_dir(fs: fsspec.AbstractFileSystem, path: str, url: str, what: str) -> None:
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{what} not found: {url}")
+
+
+def _mask_index(source: SourceConfig, storage: StorageOptions | None) -> dict[str, str]:
+    """{relative stem: mask URL} for every candidate mask under ``source.masks``."""
+    assert source.masks is not None
+    fs, root = get_fs(source.masks, storage)
+    _require_dir(fs, root, source.masks, "masks folder")
+    allowed = _MASK_EXTENSIONS | image_extensions(source)
+    index: dict[str, str] = {}
+    for rel, full in sorted(_files(fs, root).items()):
+        if _ext(rel) in allowed:
+            index.setdefault(_stem(rel), to_url(source.masks, full))  # sorted: '.png' before '.tif'
+    return index
+
+
+def _unique_ids(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(url, relative path) -> (url, id, stem); ids keep the extension only where they would
+    collide (a.png and a.tif in one folder), so outputs keyed by id never overwrite each other."""
+    counts = Counter(_stem(rel) for _, rel in items)
+    return [(url, rel if counts[_stem(rel)] > 1 else _stem(rel), _stem(rel)) for url, rel in items]
+
+
+def _folder(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str]]:
+    assert source.images is not None
+    fs, root = get_fs(source.images, storage)
+    exts = image_extensions(source)
+    files = _files(fs, root)
+    if not files:
+        _require_dir(fs, root, source.images, "images folder")
+    picked = sorted((rel, full) for rel, full in files.items() if _ext(rel) in exts)
+    if source.masks and source.mask_suffix:
+        # Images and masks in one folder (a.png + a_mask.png): the masks are not images.
+        mask_root = get_fs(source.masks, storage)[1].rstrip("/")
+        picked = [
+            (rel, full)
+            for rel, full in picked
+            if not (full.startswith(mask_root + "/") and _stem(rel).endswith(source.mask_suffix))
+        ]
+    if not picked:
+        raise FileNotFoundError(f"no images with extensions {sorted(exts)} under {source.images}")
+    return [(to_url(source.images, full), rel) for rel, full in picked]
+
+
+def _glob_base(pattern: str) -> str:
+    parts = pattern.split("/")
+    for i, p in enumerate(parts):
+        if any(c in p for c in "*?["):
+            return "/".join(parts[:i])
+    return posixpath.dirname(pattern)
+
+
+def _glob(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str]]:
+    assert source.glob is not None
+    fs, pattern = get_fs(source.glob, storage)
+    found = fs.glob(pattern, detail=True)
+    names = sorted(n for n, info in found.items() if _is_file(n, info))
+    if not names:
+        raise FileNotFoundError(f"no files match {source.glob}")
+    base = _glob_base(pattern).rstrip("/")
+    rel = [n[len(base) :].lstrip("/") if base and n.startswith(base) else n for n in names]
+    return [(to_url(source.glob, n), r) for n, r in zip(names, rel)]
+
+
+def _strip(url: str) -> str:
+    """Filesystem path of a URL by string rules alone (no filesystem instance per row)."""
+    return url.split("://", 1)[1] if "://" in url else os.path.abspath(url)
+
+
+def _resolve(entry: str, manifest_url: str, manifest_dir: str) -> str:
+    """Manifest entries: URLs and absolute local paths as is, others relative to the manifest."""
+    if "://" in entry:
+        return entry
+    if entry.startswith("/"):
+        if scheme_of(manifest_url) == "file":
+            return entry
+        bucket = manifest_url.split("://", 1)[1].split("/", 1)[0]
+        return f"{manifest_url.split('://', 1)[0]}://{bucket}{posixpath.normpath(entry)}"
+    joined = join(manifest_dir, entry)
+    if "://" in joined:  # fold 'a/../b' so object keys never contain '..'
+        scheme, rest = joined.split("://", 1)
+        lead = "/" if rest.startswith("/") else ""
+        return f"{scheme}://{lead}{posixpath.normpath(rest).lstrip('/')}"
+    return os.path.normpath(joined)
+
+
+def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, Optional[str]]]:
+    fs, path = get_fs(url, storage)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"manifest not found: {url}")
+    data = fs.cat_file(path)
+    if _ext(path) == ".parquet" or data[:4] == b"PAR1":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        if "image" not in table.column_names:
+            raise ValueError(f"{url}: parquet manifest needs an 'image' column (has {table.column_names})")
+        images = table.column("image").to_pylist()
+        masks = table.column("mask").to_pylist() if "mask" in table.column_names else [None] * len(images)
+        return [(str(i), str(m) if m else None) for i, m in zip(images, masks) if i]
+    rows = []
+    for n, row in enumerate(csv.reader(io.StringIO(data.decode("utf-8-sig")))):
+        row = [c.strip() for c in row]
+        if not row or not row[0] or row[0].startswith("#"):
+            continue
+        if n == 0 and row[0].lower() == "image":
+            continue  # header
+        rows.append((row[0], row[1] if len(row) > 1 and row[1] else None))
+    return rows
+
+
+def _manifest(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+    assert source.manifest is not None
+    url = source.manifest
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    base_path = _strip(base).rstrip("/")
+    out = []
+    for image, mask in _manifest_rows(url, storage):
+        image_url = _resolve(image, url, base)
+        # Id relative to the manifest's folder when the image lies under it.
+        p = _strip(image_url)
+        rel = p[len(base_path) :].lstrip("/") if p.startswith(base_path + "/") else p.lstrip("/")
+        out.append((image_url, rel, _resolve(mask, url, base) if mask else None))
+    if not out:
+        raise FileNotFoundError(f"manifest lists no images: {url}")
+    return out
+
+
+def _folder_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+    return [(url, rel, None) for url, rel in _folder(source, storage)]
+
+
+def _glob_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+    return [(url, rel, None) for url, rel in _glob(source, storage)]
+
+
+# The one seam of inputs: a lister per kind of source, each giving (image URL, id path, its mask
+# URL or None) in a stable order. A catalog (STAC items and their assets) is one more entry and
+# one more SourceConfig field; everything downstream reads Samples.
+LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], list[tuple[str, str, Optional[str]]]]] = {
+    "images": _folder_rows, "glob": _glob_rows, "manifest": _manifest,
+}
+
+
+def source_kind(source: SourceConfig) -> str:
+    return next(kind for kind in LISTERS if getattr(source, kind, None))
+
+
+def list_samples(source: SourceConfig, storage: StorageOptions | None = None) -> list[Sample]:
+    """Image (and mask) URLs named by ``source``; masks not found are None (the caller decides).
+    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``."""
+    rows = LISTERS[source_kind(source)](source, storage)
+    explicit = {img: m for img, _, m in rows if m}
+    items = _unique_ids([(img, rel) for img, rel, _ in rows])
+    if source.limit:
+        items = items[: source.limit]
+    masks = _mask_index(source, storage) if source.masks else {}
+    samples = []
+    for url, image_id, stem in items:
+        mask = explicit.get(url) or masks.get(stem + source.mask_suffix)
+        # URLs stay openable (surrogate-escaped where a name is not UTF-8); the id is a row key
+        # and an output name, so it is the readable form.
+        samples.append(Sample(image=url, mask=mask, image_id=readable_path(image_id)))
+    return samples
+
+
+# --------------------------------------------------------------------------- archives (nightly)
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    """One image of the archive as listed tonight."""
+
+    url: str
+    image_id: str
+    mask: Optional[str]
+    size: int
+    version: str  # S3 ETag, else modification time
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.url, self.size, self.version)
+
+
+def _version(info: dict) -> str:
+    for k in ("ETag", "etag", "e_tag"):
+        if info.get(k):
+            return str(info[k]).strip('"')
+    for k in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        v = info.get(k)
+        if v is not None and v != "":
+            return v.isoformat() if hasattr(v, "isoformat") else repr(v)
+    return ""
+
+
+def _listing_root(source: SourceConfig) -> Optional[str]:
+    if source.images:
+        return source.images
+    if source.glob:
+        scheme = source.glob.split("://", 1)[0] + "://" if "://" in source.glob else ""
+        base = _glob_base(source.glob.split("://", 1)[1] if scheme else source.glob)
+        return scheme + base if base else None
+    return None  # manifest: entries can be anywhere
+
+
+def list_archive(source: SourceConfig, storage: StorageOptions | None = None) -> list[ArchiveEntry]:
+    """The images ``source`` names (the selection rules of ``list_samples``), each with its
+    size and version: one recursive listing under the folder / glob base, ``info`` for the
+    rest (manifest entries elsewhere)."""
+    samples = list_samples(source, storage)
+    if not samples:
+        return []
+    fs, _ = get_fs(samples[0].image, storage)
+    details: dict[str, dict] = {}
+    root = _listing_root(source)
+    if root:
+        rfs, rpath = get_fs(root, storage)
+        details = dict(rfs.find(rpath, detail=True, withdirs=False))
+    out = []
+    for s in samples:
+        path = fs._strip_protocol(s.image)
+        info = details.get(path)
+        if info is None:
+            info = fs.info(path)
+        out.append(ArchiveEntry(s.image, s.image_id, s.mask, int(info.get("size") or 0), _version(info)))
+    return out

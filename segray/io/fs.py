@@ -24,7 +24,7 @@ from segray.config import StorageOptions
 S3_SCHEMES = ("s3", "s3a")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: archive listings hold a million of them
 class Sample:
     image: str  # the URL to open (surrogate-escaped where a local name is not UTF-8)
     mask: Optional[str]
@@ -138,6 +138,8 @@ def join(url: str, *parts: str) -> str:
 
 def path_bytes(path: str | bytes) -> bytes | None:
     """The exact bytes of ``path`` when they are not valid UTF-8, else None."""
+    if isinstance(path, str) and path.isascii():  # the common case, and 1M-row listings: no encode
+        return None
     raw = os.fsencode(path)
     try:
         raw.decode("utf-8")
@@ -149,6 +151,8 @@ def path_bytes(path: str | bytes) -> bytes | None:
 def readable_path(path: str | bytes) -> str:
     """``path`` as valid UTF-8 text: bytes that are not UTF-8 written as ``\\xff`` escapes."""
     if isinstance(path, str):
+        if path.isascii():  # no surrogates, nothing to escape
+            return path
         try:
             return os.fsencode(path).decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:  # a lone surrogate that no file name decodes to

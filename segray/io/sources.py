@@ -81,8 +81,9 @@ def _mask_index(source: SourceConfig, storage: StorageOptions | None) -> dict[st
 def _unique_ids(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(url, relative path) -> (url, id, stem); ids keep the extension only where they would
     collide (a.png and a.tif in one folder), so outputs keyed by id never overwrite each other."""
-    counts = Counter(_stem(rel) for _, rel in items)
-    return [(url, rel if counts[_stem(rel)] > 1 else _stem(rel), _stem(rel)) for url, rel in items]
+    stems = [_stem(rel) for _, rel in items]
+    counts = Counter(stems)
+    return [(url, rel if counts[stem] > 1 else stem, stem) for (url, rel), stem in zip(items, stems)]
 
 
 def _folder(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str]]:
@@ -140,6 +141,9 @@ def _resolve(entry: str, manifest_url: str, manifest_dir: str) -> str:
             return entry
         bucket = manifest_url.split("://", 1)[1].split("/", 1)[0]
         return f"{manifest_url.split('://', 1)[0]}://{bucket}{posixpath.normpath(entry)}"
+    if (manifest_dir.startswith("/") or "://" in manifest_dir) and "/." not in entry and not entry.startswith(".") \
+            and "//" not in entry:  # a clean path under a clean base: nothing to fold
+        return f"{manifest_dir.rstrip('/')}/{entry}"
     joined = join(manifest_dir, entry)
     if "://" in joined:  # fold 'a/../b' so object keys never contain '..'
         scheme, rest = joined.split("://", 1)
@@ -148,7 +152,42 @@ def _resolve(entry: str, manifest_url: str, manifest_dir: str) -> str:
     return os.path.normpath(joined)
 
 
-def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, Optional[str]]]:
+# Columns of a Parquet manifest: ``image`` (or S3 Inventory's ``key``, with ``bucket``), an optional
+# ``mask``, and, for the nightly runs, the object's size and version as the inventory lists them
+# (so a million-object archive is diffed without a HEAD per object).
+_SIZE_COLUMNS = ("size",)
+_VERSION_COLUMNS = ("etag", "e_tag", "version", "last_modified", "last_modified_date")
+
+
+def _parquet_rows(table, url: str) -> list[tuple[str, Optional[str], Optional[int], Optional[str]]]:
+    names = table.column_names
+    if "image" in names:
+        images = table.column("image").to_pylist()
+    elif "key" in names:  # S3 Inventory: keys under the bucket column's bucket, else under the manifest
+        keys = table.column("key").to_pylist()
+        buckets = table.column("bucket").to_pylist() if "bucket" in names else [None] * len(keys)
+        images = [f"s3://{b}/{k}" if b and k else k for b, k in zip(buckets, keys)]
+    else:
+        raise ValueError(f"{url}: parquet manifest needs an 'image' (or S3 Inventory 'key') column (has {names})")
+    n = len(images)
+    masks = table.column("mask").to_pylist() if "mask" in names else [None] * n
+    size_col = next((c for c in _SIZE_COLUMNS if c in names), None)
+    sizes = table.column(size_col).to_pylist() if size_col else [None] * n
+    ver_col = next((c for c in _VERSION_COLUMNS if c in names), None)
+    versions = [_listed_version(v) for v in table.column(ver_col).to_pylist()] if ver_col else [None] * n
+    return [(str(i), str(m) if m else None, z, v) for i, m, z, v in zip(images, masks, sizes, versions) if i]
+
+
+def _listed_version(v) -> Optional[str]:
+    """An inventory's ETag (quotes dropped) or last-modified time, as ``_version`` writes them."""
+    if v is None or v == "":
+        return None
+    return v.isoformat() if hasattr(v, "isoformat") else str(v).strip('"')
+
+
+def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, Optional[str], Optional[int],
+                                                                           Optional[str]]]:
+    """(image, mask, size, version) per manifest row; size and version only from Parquet columns."""
     fs, path = get_fs(url, storage)
     if not fs.exists(path):
         raise FileNotFoundError(f"manifest not found: {url}")
@@ -156,12 +195,7 @@ def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, 
     if _ext(path) == ".parquet" or data[:4] == b"PAR1":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(data))
-        if "image" not in table.column_names:
-            raise ValueError(f"{url}: parquet manifest needs an 'image' column (has {table.column_names})")
-        images = table.column("image").to_pylist()
-        masks = table.column("mask").to_pylist() if "mask" in table.column_names else [None] * len(images)
-        return [(str(i), str(m) if m else None) for i, m in zip(images, masks) if i]
+        return _parquet_rows(pq.read_table(io.BytesIO(data)), url)
     rows = []
     for n, row in enumerate(csv.reader(io.StringIO(data.decode("utf-8-sig")))):
         row = [c.strip() for c in row]
@@ -169,7 +203,7 @@ def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, 
             continue
         if n == 0 and row[0].lower() == "image":
             continue  # header
-        rows.append((row[0], row[1] if len(row) > 1 and row[1] else None))
+        rows.append((row[0], row[1] if len(row) > 1 and row[1] else None, None, None))
     return rows
 
 
@@ -178,12 +212,16 @@ def _manifest(source: SourceConfig, storage: StorageOptions | None) -> list[tupl
     url = source.manifest
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     base_path = _strip(base).rstrip("/")
+    prefix = base.rstrip("/") + "/" if (base.startswith("/") or "://" in base) else None
     out = []
-    for image, mask in _manifest_rows(url, storage):
+    for image, mask, _, _ in _manifest_rows(url, storage):
         image_url = _resolve(image, url, base)
         # Id relative to the manifest's folder when the image lies under it.
-        p = _strip(image_url)
-        rel = p[len(base_path) :].lstrip("/") if p.startswith(base_path + "/") else p.lstrip("/")
+        if prefix and image_url.startswith(prefix):  # by string alone: a million rows, no path calls
+            rel = image_url[len(prefix):]
+        else:
+            p = _strip(image_url)
+            rel = p[len(base_path) :].lstrip("/") if p.startswith(base_path + "/") else p.lstrip("/")
         out.append((image_url, rel, _resolve(mask, url, base) if mask else None))
     if not out:
         raise FileNotFoundError(f"manifest lists no images: {url}")
@@ -231,7 +269,7 @@ def list_samples(source: SourceConfig, storage: StorageOptions | None = None) ->
 # --------------------------------------------------------------------------- archives (nightly)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArchiveEntry:
     """One image of the archive as listed tonight."""
 
@@ -267,14 +305,24 @@ def _listing_root(source: SourceConfig) -> Optional[str]:
     return None  # manifest: entries can be anywhere
 
 
+def _manifest_versions(source: SourceConfig, storage: StorageOptions | None) -> dict[str, tuple[int, str]]:
+    """{image URL: (size, version)} of the manifest rows that list both (S3 Inventory style)."""
+    url = source.manifest
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    return {_resolve(image, url, base): (int(size), version)
+            for image, _, size, version in _manifest_rows(url, storage) if size is not None and version}
+
+
 def list_archive(source: SourceConfig, storage: StorageOptions | None = None) -> list[ArchiveEntry]:
     """The images ``source`` names (the selection rules of ``list_samples``), each with its
-    size and version: one recursive listing under the folder / glob base, ``info`` for the
-    rest (manifest entries elsewhere)."""
+    size and version: a Parquet manifest's own columns where it has them (an S3 Inventory: no
+    request per object), else one recursive listing under the folder / glob base, and ``info``
+    for the rest (manifest entries without them)."""
     samples = list_samples(source, storage)
     if not samples:
         return []
     fs, _ = get_fs(samples[0].image, storage)
+    listed = _manifest_versions(source, storage) if source.manifest else {}
     details: dict[str, dict] = {}
     root = _listing_root(source)
     if root:
@@ -282,9 +330,11 @@ def list_archive(source: SourceConfig, storage: StorageOptions | None = None) ->
         details = dict(rfs.find(rpath, detail=True, withdirs=False))
     out = []
     for s in samples:
-        path = fs._strip_protocol(s.image)
-        info = details.get(path)
-        if info is None:
-            info = fs.info(path)
-        out.append(ArchiveEntry(s.image, s.image_id, s.mask, int(info.get("size") or 0), _version(info)))
+        if s.image in listed:
+            size, version = listed[s.image]
+        else:
+            path = fs._strip_protocol(s.image)
+            info = details.get(path) or fs.info(path)
+            size, version = int(info.get("size") or 0), _version(info)
+        out.append(ArchiveEntry(s.image, s.image_id, s.mask, size, version))
     return out

@@ -72,8 +72,12 @@ class Stage:
     for a write) to it, through the progress manager of Ray Data's streaming executor.
     """
 
-    def __init__(self, name: str, total: int | None = None, unit: str = "rows", every: float | None = None):
+    def __init__(self, name: str, total: int | None = None, unit: str = "rows", every: float | None = None,
+                 follow_datasets: bool = True):
         self.name, self.total, self.unit = name, total, unit
+        # A stage made of several phases (the demo: data, training, inference) is not counted
+        # by whichever Dataset ran last: it says it is running, and how long it took.
+        self.follow_datasets = follow_datasets
         self.every = every if every is not None else float(os.environ.get(PROGRESS_EVERY_ENV, "10"))
         self.completed = 0
         self.what = ""  # what the count is of, when it is not the whole stage (a Ray Dataset's id)
@@ -160,16 +164,17 @@ class Stage:
 
     # ---- from Ray Data
     def dataset_progress(self, dataset_id: str, completed: int, total: int | None) -> None:
-        if self._own_total:  # the job counts itself; Ray Data's rows are not its unit
+        if self._own_total or not self.follow_datasets:  # the job counts itself; Ray Data's rows are not its unit
             return
         if total is not None and total < completed:  # an estimate Ray Data has not caught up with
             total = None
         self.update(completed=completed, total=total or None, what=dataset_id)
 
 
-def stage(name: str, total: int | None = None, unit: str = "rows", every: float | None = None) -> Stage:
+def stage(name: str, total: int | None = None, unit: str = "rows", every: float | None = None,
+          follow_datasets: bool = True) -> Stage:
     """``with stage("infer") as s: ...``: the stage's progress line(s), fed by Ray Data (or ``s.advance(k)``)."""
-    return Stage(name, total, unit, every)
+    return Stage(name, total, unit, every, follow_datasets)
 
 
 def current_stage() -> Stage | None:

@@ -1,7 +1,7 @@
 """Model configs: one class per model, picked by ``name``; each takes only its own fields.
 
 ``ModelConfig`` holds what every model has (name, bands, classes, weights, SyncBatchNorm) and is
-the base of ``UNetConfig``, ``TorchvisionSegConfig`` and ``MaskRCNNConfig``. Job configs type
+the base of ``UNetConfig``, ``TorchvisionSegConfig``, ``SmpConfig`` and ``MaskRCNNConfig``. Job configs type
 their ``model`` section ``AnyModelConfig``: the union of those classes keyed by ``name``
 (``"unet"`` when absent, so configs written before the union keep loading). A field that belongs
 to another model fails on one line naming it, e.g. ``model.min_size: not a field of model 'unet'
@@ -100,6 +100,30 @@ class TorchvisionSegConfig(ModelConfig):
     name: Literal["fcn_resnet50", "deeplabv3_resnet50"]
 
 
+SMP_ARCHS = ("Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet", "MAnet",
+             "Segformer", "UPerNet")
+
+
+class SmpConfig(ModelConfig):
+    """``smp``: a segmentation_models_pytorch architecture on any smp or timm (``tu-...``) encoder.
+
+    The encoder name is checked against smp's and timm's lists when the model is built (the
+    config layer does not import them). Tile offsets align to the encoder's output stride,
+    which the registry reads from the built encoder.
+    """
+
+    name: Literal["smp"] = "smp"
+    # PAN (pools its deepest features 8x more) and DPT (ViT encoders only) are left out.
+    arch: Literal[SMP_ARCHS] = Field(default="Unet", description="smp architecture")  # type: ignore[valid-type]
+    encoder: str = Field(default="resnet34", min_length=1,
+                         description="smp encoder (resnet18, efficientnet-b0, mit_b0, ...) or tu-<timm model>")
+    encoder_depth: int = Field(default=5, ge=3, le=5, description="encoder stages used (output stride 2**depth)")
+    encoder_weights: Optional[str] = Field(
+        default=None, description="encoder weights: a local path or fsspec URL (s3://...) of a state dict "
+        "(timm/torchvision keys; 3-band stems are adapted to in_channels), a Hugging Face / timm cache "
+        "folder, or a name smp downloads itself (imagenet, ...: needs network on every worker)")
+
+
 class MaskRCNNConfig(ModelConfig):
     """torchvision's Mask R-CNN (ResNet-50 FPN, v1 and v2); ``num_classes`` counts the background."""
 
@@ -140,7 +164,7 @@ class MaskRCNNConfig(ModelConfig):
 
 # --------------------------------------------------------------------------- the union
 
-_CLASSES: tuple[type[ModelConfig], ...] = (UNetConfig, TorchvisionSegConfig, MaskRCNNConfig)
+_CLASSES: tuple[type[ModelConfig], ...] = (UNetConfig, TorchvisionSegConfig, SmpConfig, MaskRCNNConfig)
 # name -> config class: exactly the names AnyModelConfig accepts (and the registry registers).
 MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
     name: cls for cls in _CLASSES for name in get_args(cls.model_fields["name"].annotation)

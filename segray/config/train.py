@@ -56,6 +56,26 @@ class OptimConfig(_Strict):
     grad_clip: Optional[float] = Field(default=None, gt=0, description="clip the gradient norm to this value")
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning a pretrained encoder (models whose registry entry names an encoder).
+
+    Freezing is done with the learning rate, not ``requires_grad``: the encoder's parameter
+    group gets LR 0 for the first ``freeze_encoder_epochs`` epochs, so DDP's set of trained
+    parameters never changes mid-run (AdamW and SGD scale weight decay by the LR, so nothing moves).
+    """
+
+    freeze_encoder_epochs: int = Field(default=0, ge=0, description="encoder LR 0 for this many first epochs")
+    encoder_lr_mult: float = Field(default=1.0, ge=0, description="encoder LR = optim.lr x this (after the freeze)")
+    encoder_batch_norm: Literal["train", "frozen"] = Field(
+        default="train", description="frozen: the encoder's BatchNorm layers stay in eval mode with fixed "
+        "statistics and affine parameters (small batches on pretrained weights)")
+
+    @property
+    def active(self) -> bool:
+        """True when any field asks something of the model's encoder."""
+        return self != FinetuneConfig()
+
+
 class TrainLoopConfig(_Strict):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=8, gt=0, description="per worker")
@@ -80,6 +100,7 @@ class TrainJobConfig(_Strict):
     model: AnyModelConfig = Field(default_factory=UNetConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
 
     @property

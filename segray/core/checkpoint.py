@@ -52,7 +52,8 @@ class Checkpoint:
     def model(self) -> ModelConfig:
         """The model's config; weights come from this checkpoint, never from the files named
         when it was trained."""
-        return ModelConfig.from_checkpoint({**self.model_config, "weights": None, "backbone_weights": None})
+        return ModelConfig.from_checkpoint({**self.model_config, "weights": None, "backbone_weights": None,
+                                            "encoder_weights": None})
 
     def normalization(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-band mean and std as ``[C, 1, 1]`` tensors (0 and 1 without band statistics)."""

@@ -18,10 +18,40 @@ from typing import Any
 
 import torch
 
-from segray.config import TrainJobConfig
+from segray.config import ConfigError, TrainJobConfig
 from segray.core.checkpoint import FILENAME, Checkpoint
-from segray.core.optim import build_optimizer, lr_factor, set_lr
+from segray.core.models import model_encoder, model_spec
+from segray.core.optim import (
+    batch_norm_eval,
+    build_optimizer,
+    freeze_batch_norm,
+    group_scales,
+    lr_factor,
+    param_groups,
+    set_lr,
+)
 from segray.train.tasks import all_reduce, make_task
+
+
+def check_finetune(job: TrainJobConfig) -> None:
+    """Refuse fine-tuning controls for a model whose registry entry names no encoder (one line)."""
+    if job.finetune.active and model_spec(job.model.name).encoder is None:
+        field = next(f for f in ("freeze_encoder_epochs", "encoder_lr_mult", "encoder_batch_norm")
+                     if getattr(job.finetune, f) != type(job.finetune).model_fields[f].default)
+        raise ConfigError(f"finetune.{field}: model {job.model.name!r} has no encoder to fine-tune "
+                          "(remove the finetune section)")
+
+
+def finetune_setup(job: TrainJobConfig, model: torch.nn.Module) -> tuple[list[dict], list[torch.nn.Module]]:
+    """The optimizer's parameter groups and the encoder BatchNorm layers to keep in eval mode.
+
+    Before DDP wraps the model: frozen BatchNorm parameters leave ``requires_grad`` here, once,
+    so every rank's DDP sees the same trained parameters for the whole run.
+    """
+    check_finetune(job)
+    encoder = model_encoder(job.model.name, model) if job.finetune.active else None
+    frozen = freeze_batch_norm(encoder) if encoder is not None and job.finetune.encoder_batch_norm == "frozen" else []
+    return param_groups(model, encoder), frozen
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
@@ -107,7 +137,7 @@ def _train_epoch(job: TrainJobConfig, task, model, opt, scaler, state: dict, epo
         boundary = (i + 1) % accum == 0 or i + 1 >= plan["batches_per_epoch"]
         if i % accum == 0:
             lr = job.optim.lr * lr_factor(job.optim, t.epochs, epoch, state["step"], plan["total_steps"])
-            set_lr(opt, lr)
+            set_lr(opt, lr, group_scales(job.finetune, epoch))
         sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with torch.autocast(task.device.type, enabled=use_amp):
@@ -213,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     model = task.build_model()
     if job.model.sync_batch_norm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = build_optimizer(job.optim, model.parameters())
+    groups, frozen_bn = finetune_setup(job, model)
+    opt = build_optimizer(job.optim, groups)
     state = _resume(model, opt)
     model = ray.train.torch.prepare_model(model)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
@@ -221,6 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     upcoming = _NextEpoch(task, state["epoch"]) if state["epoch"] < t.epochs else None
     for epoch in range(state["epoch"], t.epochs):
         model.train()
+        batch_norm_eval(frozen_bn)  # after every train(): frozen statistics stay frozen
         done = _train_epoch(job, task, model, opt, scaler, state, epoch, config["plan"], upcoming)
         upcoming = _NextEpoch(task, epoch + 1) if epoch + 1 < t.epochs else None
         metrics = _epoch_metrics(epoch, done, rank, world)

@@ -51,7 +51,8 @@ def take_part(batches: Iterable, part: tuple[int, int] | None) -> Iterator:
 
 
 def _storage_options(job: TrainJobConfig) -> dict:
-    url = job.model.weights or getattr(job.model, "backbone_weights", None) or ""  # (Mask R-CNN only)
+    url = (job.model.weights or getattr(job.model, "backbone_weights", None)  # (Mask R-CNN only)
+           or getattr(job.model, "encoder_weights", None) or "")  # (smp only)
     return fsspec_options(url, job.data.storage) if url else {}
 
 

@@ -10,9 +10,8 @@ from segray.config import TrainJobConfig
 from segray.io.commit import Publication
 from segray.io.fs import join, pyarrow_fs
 from segray.runtime import model_runtime_env, start_ray
-from segray.train.loop import train_loop_per_worker
+from segray.train.loop import check_finetune, train_loop_per_worker
 from segray.train.tasks import TASKS
-
 
 
 @dataclass
@@ -97,6 +96,7 @@ def run_training(job: TrainJobConfig, curves_path: str | None = None) -> TrainRe
     from segray.data.datasets import build_datasets
     from segray.train.plots import plot_curves
 
+    check_finetune(job)  # before any cluster work
     # A rerun under the same name withdraws the last run's commit first: Ray Train rotates the
     # checkpoints it lists (num_to_keep), and a killed rerun must not look like a finished run.
     publication = Publication(join(job.train.storage_path, job.train.name), job.data.storage, "train")

@@ -171,6 +171,7 @@ def test_a_field_of_another_model_fails_on_one_line(cfg, override, message):
 def test_every_example_config_loads():
     """configs/*.yaml (written for the flat model section) load unchanged."""
     jobs = {"demo_train": TrainJobConfig, "scenes_train": TrainJobConfig, "train_instance": TrainJobConfig,
+            "train_smp": TrainJobConfig,
             "demo_infer": InferJobConfig, "infer_instance": InferJobConfig, "scenes_infer": SceneInferJobConfig,
             "nightly": NightlyJobConfig, "nightly_iceberg": NightlyJobConfig}
     assert {p.stem for p in (REPO / "configs").glob("*.yaml")} <= set(jobs)

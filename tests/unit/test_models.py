@@ -31,7 +31,7 @@ from segray.core.models import (
 from segray.core.models.unet import UNet
 from segray.infer.scene_steps import model_align
 
-ALL = {"unet", "fcn_resnet50", "deeplabv3_resnet50", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
+ALL = {"unet", "fcn_resnet50", "deeplabv3_resnet50", "smp", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"}
 
 
 def test_registry_lists_config_names():

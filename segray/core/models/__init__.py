@@ -9,6 +9,8 @@ a model without building it:
   ``"instance"`` (Mask R-CNN's list-of-images interface, see ``maskrcnn``);
 - ``align``: the output stride tile offsets must be multiples of for the pooling grids of
   neighbouring tiles to line up (scene tiling); an int, or a function of the config;
+- ``encoder``: where the model's encoder is (``model -> nn.Module``, or None for a model
+  without one): what fine-tuning freezes, gives its own LR and whose BatchNorm it can freeze;
 - ``config``: the model's config class in ``segray.config`` (the config layer cannot import this
   registry, so the names ``AnyModelConfig`` accepts are listed there; a unit test checks the two
   agree).
@@ -27,6 +29,7 @@ from segray.config import Family, ModelConfig
 
 ModelBuilder = Callable[..., nn.Module]  # (cfg) or, with handles_weights, (cfg, storage_options)
 Align = Union[int, Callable[[Any], int]]
+EncoderOf = Callable[[nn.Module], nn.Module]  # the built (bare, not DDP-wrapped) model -> its encoder
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class ModelSpec:
     align: Align
     config: type[ModelConfig]
     handles_weights: bool = False  # the builder loads cfg.weights itself (Mask R-CNN: its own rules)
+    encoder: EncoderOf | None = None  # None: no encoder that fine-tuning controls apply to
 
     def output_align(self, cfg: ModelConfig) -> int:
         """``align`` for this config (U-Net: ``2**depth``)."""
@@ -49,7 +53,8 @@ MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, config: type[ModelConfig], family: Family | None = None, align: Align = 1,
-                   handles_weights: bool = False) -> Callable[[ModelBuilder], ModelBuilder]:
+                   handles_weights: bool = False,
+                   encoder: EncoderOf | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register the decorated builder as model ``name`` (``family`` defaults to the config class's)."""
     family = family or config.family
     if family != config.family:
@@ -58,7 +63,7 @@ def register_model(name: str, *, config: type[ModelConfig], family: Family | Non
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = ModelSpec(name, builder, family, align, config, handles_weights)
+        MODELS[name] = ModelSpec(name, builder, family, align, config, handles_weights, encoder)
         return builder
 
     return decorator
@@ -72,6 +77,12 @@ def model_spec(name: str) -> ModelSpec:
 
 def model_family(name: str) -> Family:
     return model_spec(name).family
+
+
+def model_encoder(name: str, model: nn.Module) -> nn.Module | None:
+    """The encoder of a built model ``name`` (DDP unwrapped), None when its entry names none."""
+    spec = model_spec(name)
+    return spec.encoder(getattr(model, "module", model)) if spec.encoder is not None else None
 
 
 def tile_align(model_config: ModelConfig | Mapping[str, Any]) -> int:
@@ -115,4 +126,4 @@ def build_model(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Mod
 
 
 # Imported last: the modules register themselves with the decorator defined above.
-from segray.core.models import maskrcnn, torchvision_seg, unet  # noqa: E402,F401
+from segray.core.models import maskrcnn, smp, torchvision_seg, unet  # noqa: E402,F401

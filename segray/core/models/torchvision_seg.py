@@ -34,7 +34,8 @@ def _build(factory: Callable[..., nn.Module], cfg: TorchvisionSegConfig) -> Torc
 
 
 # Dilated ResNet-50: output stride 8.
-@register_model("fcn_resnet50", family="semantic", align=8, config=TorchvisionSegConfig)
+@register_model("fcn_resnet50", family="semantic", align=8, config=TorchvisionSegConfig,
+                encoder=lambda m: m.net.backbone)
 def build_fcn_resnet50(cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     # Imported here so that importing the registry does not pay for torchvision.
     from torchvision.models.segmentation import fcn_resnet50
@@ -42,7 +43,8 @@ def build_fcn_resnet50(cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     return _build(fcn_resnet50, cfg)
 
 
-@register_model("deeplabv3_resnet50", family="semantic", align=8, config=TorchvisionSegConfig)
+@register_model("deeplabv3_resnet50", family="semantic", align=8, config=TorchvisionSegConfig,
+                encoder=lambda m: m.net.backbone)
 def build_deeplabv3_resnet50(cfg: TorchvisionSegConfig) -> TorchvisionSegmentation:
     from torchvision.models.segmentation import deeplabv3_resnet50
 

@@ -97,8 +97,13 @@ class UNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
+def unet_encoder(model: UNet) -> nn.Module:
+    """The contracting path (stem and downs); a view sharing the model's modules."""
+    return nn.ModuleList([model.stem, model.downs])
+
+
 # Tile offsets align to the deepest pooling grid: 2**depth.
-@register_model("unet", family="semantic", align=lambda cfg: 2**cfg.depth, config=UNetConfig)
+@register_model("unet", family="semantic", align=lambda cfg: 2**cfg.depth, config=UNetConfig, encoder=unet_encoder)
 def build_unet(cfg: UNetConfig) -> UNet:
     return UNet(
         in_channels=cfg.in_channels,

@@ -10,6 +10,7 @@ import typer
 
 from segray.config import DemoJobConfig, build_config, dump_config, load_config, parse_overrides
 from segray.cli import cluster
+from segray.cli.export import export_model
 from segray.cli.errors import SET_HELP, error_line, run_known, set_debug
 from segray.jobs import JOBS
 from segray.report import console, print_table
@@ -145,7 +146,7 @@ def demo(
     run_known(lambda: preflight_demo(cfg))
 
     def demo_run():
-        with stage("demo"):
+        with stage("demo", follow_datasets=False):
             return run_demo(cfg)
 
     run_known(demo_run)
@@ -201,6 +202,7 @@ def show_config(
 
 
 app.command()(cluster.submit)
+app.command("export")(export_model)
 app.add_typer(cluster.jobs_app, name="jobs")
 
 

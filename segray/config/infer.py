@@ -51,7 +51,40 @@ class InstanceLimitsConfig(_Strict):
         default=None, gt=0, lt=1, description="instances: mask probability cut (default: the checkpoint's)")
 
 
-class ImageRunConfig(InstanceLimitsConfig, ImagePoolConfig):
+TTA_HELP = ("test-time augmentation: logits averaged over the identity and each listed transform (hflip, vflip, "
+            "rot90), inverse-transformed back; semantic checkpoints only; N transforms cost ~N+1 forward passes")
+
+
+class TTAConfig(_Strict):
+    """Test-time augmentation (segray.core.tta) of a semantic model's predictions."""
+
+    tta: list[Literal["hflip", "vflip", "rot90"]] = Field(default_factory=list, description=TTA_HELP)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TTAConfig":
+        if len(set(self.tta)) != len(self.tta):
+            raise ValueError(f"tta: a transform is listed twice: {self.tta}")
+        return self
+
+
+class PredictorConfig(TTAConfig):
+    """What runs the model in the predictor actors: eager PyTorch or the exported ONNX graph."""
+
+    predictor: Literal["eager", "onnxruntime"] = Field(
+        default="eager", description="eager: the checkpoint's PyTorch model; onnxruntime: its ONNX export on "
+        "ONNX Runtime's CPU provider (semantic checkpoints; CPU nodes)")
+    onnx_model: Optional[str] = Field(
+        default=None, description="onnxruntime: the `segray export` ONNX file of this checkpoint (local or s3://); "
+        "default: each actor exports the checkpoint to a temporary file when it starts")
+
+    @model_validator(mode="after")
+    def _onnx_only(self) -> "PredictorConfig":
+        if self.onnx_model and self.predictor != "onnxruntime":
+            raise ValueError("onnx_model: given with predictor 'eager' (set predictor: onnxruntime)")
+        return self
+
+
+class ImageRunConfig(PredictorConfig, InstanceLimitsConfig, ImagePoolConfig):
     """How whole images are run through a model: the actor pool, the image size cap and the
     instance limits. ``segray infer`` has these fields at its top level; a nightly run's ``infer``
     section is one."""
@@ -72,7 +105,7 @@ class InferJobConfig(ImageRunConfig):
     table: Optional[IcebergTableConfig] = Field(default=None, description="rows to this Iceberg table (upserted by source_path) instead of output/predictions/")
 
 
-class SceneRunConfig(InstanceLimitsConfig, ActorPoolConfig):
+class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     """How scenes are tiled, predicted and stitched: what ``segment-scenes`` and a nightly run over
     scenes (``workload: scenes``) share.
 

@@ -58,7 +58,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from segray.config import InferJobConfig, StorageOptions
+from segray.config import ConfigError, InferJobConfig, StorageOptions
 from segray.infer.family import ImageStages
 from segray.infer.runs import PREDICTIONS, run_counts
 from segray.infer.steps import Predictor, row_paths, row_problems, same_shape_chunks
@@ -117,6 +117,7 @@ class InstancePredictor(Predictor):
     """Loads a Mask R-CNN checkpoint once; maps decoded batches to detections (RLE masks)."""
 
     task = "instance"
+    returns_logits = False  # detections: no logits runtime, no TTA
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
                  amp: bool = True, max_batch: int = 16, score_threshold: float | None = None,
@@ -233,6 +234,9 @@ def encode_instances(batch: dict[str, Any], class_names: list[str], category_ids
 
 def instance_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> ImageStages:
     """The instance family's images run; ``samples`` (already listed) fix the row count."""
+    if cfg.tta or cfg.predictor != "eager":
+        raise ConfigError("tta/predictor: test-time augmentation and ONNX Runtime serve semantic checkpoints only "
+                          f"(this one is {ckpt.model_name}, an instance model)")
     class_names = ckpt.class_names
     items, cat_labels, coco = instance_items(samples, cfg.storage, class_names, cfg.coco_json, cfg.class_masks,
                                              cfg.source.mask_suffix)

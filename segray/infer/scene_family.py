@@ -30,11 +30,14 @@ class SceneFamily:
     polygon_types: tuple[str, ...]  # GeoParquet geometry types
     instance_rasters: bool = False  # writes instances/<scene_id>.tif (when write_instances)
     no_probabilities: str | None = None  # why write_probabilities is refused (None: allowed)
+    no_tta: str | None = None  # why tta (test-time augmentation) is refused (None: allowed)
 
     def check(self, cfg: SceneInferJobConfig) -> None:
         """Refuse job settings the family cannot serve."""
         if cfg.write_probabilities and self.no_probabilities:
             raise ConfigError(f"write_probabilities: {self.no_probabilities}")
+        if cfg.tta and self.no_tta:
+            raise ConfigError(f"tta: {self.no_tta}")
 
     def writes_instances(self, cfg: SceneInferJobConfig) -> bool:
         return self.instance_rasters and bool(cfg.write_instances)

@@ -383,4 +383,5 @@ INSTANCE_SCENES = SceneFamily(
     polygon_types=("Polygon", "MultiPolygon"),  # an instance may be in parts
     instance_rasters=True,
     no_probabilities="instance checkpoints give instances, not class probabilities",
+    no_tta="test-time augmentation averages semantic logits; instance checkpoints give detections",
 )

@@ -120,8 +120,8 @@ class TileProbabilities(Predictor):
     """The checkpoint's model as per-tile class probabilities (``float16 [K, h, w]``)."""
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
-                 amp: bool = True, max_batch: int = 8) -> None:
-        super().__init__(checkpoint, storage, device, amp, max_batch)
+                 amp: bool = True, max_batch: int = 8, tta: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(checkpoint, storage, device, amp, max_batch, tta=tta)
         self.channels = self.model_cfg.num_classes  # 1 = binary (sigmoid), else softmax over classes
 
     @torch.inference_mode()
@@ -133,9 +133,7 @@ class TileProbabilities(Predictor):
             if valid is not None:
                 ok = torch.from_numpy(np.stack([np.asarray(valid[i], bool) for i in chunk]))[:, None]
                 x = torch.where(ok, x, self.mean)
-            x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.model(x).float()
+            logits = self.logits(x)  # the runtime normalises; TTA (core.tta) when configured
             probs = torch.sigmoid(logits) if self.channels == 1 else torch.softmax(logits, dim=1)
             probs = probs.to(torch.float16).cpu().numpy()
             for j, i in enumerate(chunk):
@@ -284,7 +282,7 @@ def _write_kwargs(cfg: SceneInferJobConfig, ckpt, env: dict) -> dict[str, Any]:
 SEMANTIC_SCENES = SceneFamily(
     name="semantic",
     predictor=TileProbabilities,
-    predictor_kwargs=lambda cfg: {},
+    predictor_kwargs=lambda cfg: {"tta": list(cfg.tta)},
     write_tiles=write_tiles,
     write_kwargs=_write_kwargs,
     stitch=stitch_scene,

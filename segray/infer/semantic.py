@@ -17,6 +17,7 @@ from segray.config import ConfigError, InferJobConfig
 from segray.core.checkpoint import Checkpoint
 from segray.core.metrics import segmentation_metrics
 from segray.infer.family import ImageStages
+from segray.infer.runtimes import ort_threads
 from segray.infer.runs import PREDICTIONS, run_counts
 from segray.infer.steps import Predictor, encode
 from segray.io.fs import join, pyarrow_fs
@@ -33,7 +34,9 @@ def semantic_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> Ima
         read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
                      "full_scale": full_scale(ckpt.band_stats), "out_of_range": cfg.out_of_range},
         predictor=Predictor,
-        predictor_kwargs={"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size},
+        predictor_kwargs={"checkpoint": cfg.checkpoint, "storage": cfg.storage, "max_batch": cfg.batch_size,
+                          "predictor": cfg.predictor, "onnx_model": cfg.onnx_model, "tta": list(cfg.tta),
+                          "threads": ort_threads(cfg.cpus_per_actor)},
         encode=encode,
         encode_kwargs={"class_names": ckpt.class_names, "ignore_index": ckpt.ignore_index},
     )

@@ -22,10 +22,12 @@ from segray.core import masks
 from segray.core.checkpoint import Checkpoint
 from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
 from segray.core.models import build_model
+from segray.core.tta import check_transforms, tta_logits
 from segray.config import StorageOptions
 from segray.io.commit import resolve_checkpoint
 from segray.io.fs import fsspec_options
 from segray.io.reads import NO_MASK
+from segray.infer.runtimes import make_runtime
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -108,9 +110,11 @@ class Predictor:
     """
 
     task = "semantic"  # the checkpoint's task this predictor serves
+    returns_logits = True  # the model gives logits (through a runtime, with TTA); Mask R-CNN gives detections
 
     def __init__(self, checkpoint: str, storage: StorageOptions | None = None, device: str | None = None,
-                 amp: bool = True, max_batch: int = 16):
+                 amp: bool = True, max_batch: int = 16, predictor: str = "eager", onnx_model: str | None = None,
+                 tta: list[str] | tuple[str, ...] = (), threads: int | None = None):
         ckpt = open_checkpoint(checkpoint, storage)
         if ckpt.task != self.task:
             raise ValueError(f"{checkpoint}: a {ckpt.task!r} checkpoint; this step needs a {self.task!r} one")
@@ -124,6 +128,14 @@ class Predictor:
         model.load_state_dict(ckpt.model_state)
         self.model = model.to(self.device).eval()
         self.mean, self.std = ckpt.normalization()
+        self.tta = check_transforms(tta)
+        if self.returns_logits:  # the one seam between eager torch and ONNX Runtime (infer.runtimes)
+            self.runtime = make_runtime(predictor, ckpt, self.model, self.device, self.amp, onnx_model, storage,
+                                        threads)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of raw pixels ``x`` (CPU), through the runtime, averaged over ``tta``."""
+        return tta_logits(self.runtime, x, self.tta)
 
     def checked(self, batch: dict[str, Any], what: str = "image") -> tuple[list, list, list, list[int]]:
         """Rows' status, error and error kind, and the rows to predict: earlier errors pass
@@ -151,10 +163,7 @@ class Predictor:
         """Same-shape images go through the model together; returns (class map, mean confidence)."""
         results: list[tuple[np.ndarray, float] | None] = [None] * len(images)
         for chunk in same_shape_chunks(images, self.max_batch):
-            x = torch.from_numpy(np.stack([images[i] for i in chunk]))
-            x = ((x - self.mean) / self.std).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.model(x).float()
+            logits = self.logits(torch.from_numpy(np.stack([images[i] for i in chunk])))
             if logits.shape[1] == 1:
                 p = torch.sigmoid(logits[:, 0])
                 pred, conf = (p > 0.5).to(torch.uint8), torch.maximum(p, 1 - p)

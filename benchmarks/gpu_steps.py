@@ -49,12 +49,9 @@ def _timed(fn, steps: int, device: torch.device) -> float:
     return steps / (time.perf_counter() - t)
 
 
-def semantic_figures(cfg: ModelConfig, device: torch.device, batch: int, size: int, steps: int) -> dict:
-    model = build_model(cfg).to(device)
-    loss_fn = build_loss(LossConfig(), cfg.num_classes, None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, cfg.in_channels, size, size, device=device)
-    y = torch.randint(0, cfg.num_classes, (batch, size, size), device=device)
+def _figures(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_of, run, device: torch.device, steps: int,
+             batch: int) -> dict:
+    """Training and inference images/s, fp32 and mixed, for ``loss_of()`` (a scalar) and ``run()``."""
     out = {}
     for mixed in (False, True):
         scaler = torch.amp.GradScaler(enabled=mixed and device.type == "cuda")
@@ -62,7 +59,7 @@ def semantic_figures(cfg: ModelConfig, device: torch.device, batch: int, size: i
         def train_step():
             opt.zero_grad(set_to_none=True)
             with _autocast(device, mixed):
-                loss = loss_fn(model(x).float(), y)
+                loss = loss_of()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -70,13 +67,22 @@ def semantic_figures(cfg: ModelConfig, device: torch.device, batch: int, size: i
         @torch.inference_mode()
         def forward():
             with _autocast(device, mixed):
-                model(x).float().argmax(1)
+                run()
 
         model.train()
         out[("train", mixed)] = _timed(train_step, steps, device) * batch
         model.eval()
         out[("infer", mixed)] = _timed(forward, steps, device) * batch
     return out
+
+
+def semantic_figures(cfg: ModelConfig, device: torch.device, batch: int, size: int, steps: int) -> dict:
+    model = build_model(cfg).to(device)
+    loss_fn = build_loss(LossConfig(), cfg.num_classes, None)
+    x = torch.randn(batch, cfg.in_channels, size, size, device=device)
+    y = torch.randint(0, cfg.num_classes, (batch, size, size), device=device)
+    return _figures(model, torch.optim.AdamW(model.parameters(), lr=1e-4), lambda: loss_fn(model(x).float(), y),
+                    lambda: model(x).float().argmax(1), device, steps, batch)
 
 
 def maskrcnn_figures(device: torch.device, batch: int, size: int, steps: int) -> dict:
@@ -88,28 +94,8 @@ def maskrcnn_figures(device: torch.device, batch: int, size: int, steps: int) ->
     mask[:, size // 5: size * 3 // 5, size // 5: size * 3 // 5] = 1
     targets = [{"boxes": box, "labels": torch.tensor([1], device=device), "masks": mask} for _ in range(batch)]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    out = {}
-    for mixed in (False, True):
-        scaler = torch.amp.GradScaler(enabled=mixed and device.type == "cuda")
-
-        def train_step():
-            opt.zero_grad(set_to_none=True)
-            with _autocast(device, mixed):
-                loss = sum(model(images, targets).values())
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-        @torch.inference_mode()
-        def forward():
-            with _autocast(device, mixed):
-                model(images)
-
-        model.train()
-        out[("train", mixed)] = _timed(train_step, steps, device) * batch
-        model.eval()
-        out[("infer", mixed)] = _timed(forward, steps, device) * batch
-    return out
+    return _figures(model, opt, lambda: sum(model(images, targets).values()), lambda: model(images), device,
+                    steps, batch)
 
 
 def main() -> None:

@@ -153,6 +153,12 @@ def preflight_train(job: TrainJobConfig) -> None:
     check_writable(job.train.storage_path, d.storage, "train.storage_path")
     for field in ("weights", "backbone_weights"):  # the weights a run starts (or resumes) from
         _optional(getattr(job.model, field, None), d.storage, f"model.{field}")
+    encoder_weights = getattr(job.model, "encoder_weights", None)
+    if encoder_weights:
+        from segray.core.models.smp import is_weights_name
+
+        if not is_weights_name(encoder_weights):  # a file (a name like imagenet is smp's to fetch)
+            _optional(encoder_weights, d.storage, "model.encoder_weights")
     for name in ("source", "val_source", "test_source"):
         source = getattr(d, name)
         if source is None:

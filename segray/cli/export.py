@@ -27,7 +27,7 @@ def export_model(
     from segray.config import StorageOptions
     from segray.core.export import FORMATS, export_checkpoint
     from segray.infer.steps import open_checkpoint
-    from segray.io.fs import write_bytes
+    from segray.io.commit import write_atomic
 
     storage = StorageOptions(endpoint_url=endpoint_url)
 
@@ -36,7 +36,7 @@ def export_model(
             raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
         ckpt = open_checkpoint(checkpoint, storage)
         data = export_checkpoint(ckpt, format)
-        write_bytes(output, data, storage)
+        write_atomic(output, data, storage)  # a killed export leaves no half-written model
         return ckpt, len(data)
 
     ckpt, size = run_known(run)

@@ -197,6 +197,13 @@ def test_train_missing_weights(tmp_path, inputs):
     expect_one_line(run_cli(tmp_path, "train", config(tmp_path, cfg)), "model.weights", "/nope/start.pt")
 
 
+def test_train_missing_encoder_weights(tmp_path, inputs):
+    cfg = train_cfg(inputs, tmp_path)
+    cfg["model"] = {**cfg.get("model", {}), "name": "smp", "arch": "Unet", "encoder": "resnet18",
+                    "encoder_weights": "/nope/resnet18.pth"}
+    expect_one_line(run_cli(tmp_path, "train", config(tmp_path, cfg)), "model.encoder_weights", "/nope/resnet18.pth")
+
+
 def test_demo_workdir_not_writable(tmp_path, inputs):
     expect_one_line(run_cli(tmp_path, "demo", "--set", f"workdir={inputs['file']}/demo"), "workdir", "not writable")
 

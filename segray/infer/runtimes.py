@@ -13,7 +13,7 @@ test-time augmentation (:func:`segray.core.tta.tta_logits`) are the same for bot
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -72,13 +72,14 @@ class OrtRuntime:
         return torch.from_numpy(out)
 
 
-def make_runtime(kind: str, ckpt: Checkpoint, model: torch.nn.Module, device: torch.device, amp: bool,
-                 onnx_model: str | None = None, storage: StorageOptions | None = None,
+def make_runtime(kind: str, ckpt: Checkpoint, build: Callable[[], torch.nn.Module], device: torch.device,
+                 amp: bool, onnx_model: str | None = None, storage: StorageOptions | None = None,
                  threads: int | None = None) -> Runtime:
-    """The runtime ``kind`` (one of :data:`RUNTIMES`) for this checkpoint and its built ``model``."""
+    """The runtime ``kind`` (one of :data:`RUNTIMES`) for this checkpoint; ``build()`` gives its eager
+    model (on ``device``, eval), called only by the runtime that runs it."""
     if kind == "eager":
         mean, std = ckpt.normalization()
-        return EagerRuntime(model, mean, std, device, amp)
+        return EagerRuntime(build(), mean, std, device, amp)
     if kind == "onnxruntime":
         from segray.io.fs import read_bytes
 

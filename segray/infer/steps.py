@@ -18,16 +18,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from segray.config import StorageOptions
 from segray.core import masks
 from segray.core.checkpoint import Checkpoint
-from segray.core.metrics import confusion_matrix, metric_num_classes, segmentation_metrics
+from segray.core.metrics import (
+    confusion_matrix,
+    metric_num_classes,
+    segmentation_metrics,
+)
 from segray.core.models import build_model
 from segray.core.tta import check_transforms, tta_logits
-from segray.config import StorageOptions
+from segray.infer.runtimes import make_runtime
 from segray.io.commit import resolve_checkpoint
 from segray.io.fs import fsspec_options
 from segray.io.reads import NO_MASK
-from segray.infer.runtimes import make_runtime
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -124,14 +128,19 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.amp = amp and self.device.type == "cuda"
         self.max_batch = max_batch
-        model = build_model(self.model_cfg)
-        model.load_state_dict(ckpt.model_state)
-        self.model = model.to(self.device).eval()
         self.mean, self.std = ckpt.normalization()
         self.tta = check_transforms(tta)
         if self.returns_logits:  # the one seam between eager torch and ONNX Runtime (infer.runtimes)
-            self.runtime = make_runtime(predictor, ckpt, self.model, self.device, self.amp, onnx_model, storage,
-                                        threads)
+            # The runtime builds the eager model only if it runs it: an ONNX actor holds no second copy.
+            self.runtime = make_runtime(predictor, ckpt, lambda: self._build(ckpt), self.device, self.amp,
+                                        onnx_model, storage, threads)
+        else:
+            self.model = self._build(ckpt)
+
+    def _build(self, ckpt: Checkpoint) -> torch.nn.Module:
+        model = build_model(self.model_cfg)
+        model.load_state_dict(ckpt.model_state)
+        return model.to(self.device).eval()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of raw pixels ``x`` (CPU), through the runtime, averaged over ``tta``."""
@@ -194,7 +203,7 @@ class Predictor:
 
 def encode(batch: dict[str, Any], class_names: list[str], ignore_index: int | None = None) -> pa.Table:
     """Class maps -> PNG bytes, class fractions and, with ground truth, per-image metrics."""
-    k = metric_num_classes(len(class_names) if len(class_names) > 1 else 1)
+    k = metric_num_classes(max(1, len(class_names)))
     rows: dict[str, list] = {f.name: [] for f in OUTPUT_SCHEMA}
     n = len(batch["status"])
     for i in range(n):

@@ -32,6 +32,7 @@ from segray.config.data import (
     ChipsConfig,
     DataConfig,
     SourceConfig,
+    StacSourceConfig,
     StorageOptions,
 )
 from segray.config.demo import DEMO_OPTIM, DEMO_TRAIN, DemoJobConfig, demo_instance_model
@@ -72,7 +73,7 @@ from segray.config.train import (
 __all__ = [
     "C", "ENV_PREFIX", "ConfigError", "Size2D", "build_config", "dump_config", "format_validation_error",
     "load_config", "parse_overrides",
-    "AugmentConfig", "BandStatsConfig", "ChipsConfig", "DataConfig", "SourceConfig", "StorageOptions",
+    "AugmentConfig", "BandStatsConfig", "ChipsConfig", "DataConfig", "SourceConfig", "StacSourceConfig", "StorageOptions",
     "DEMO_OPTIM", "DEMO_TRAIN", "DemoJobConfig", "demo_instance_model",
     "ActorPoolConfig", "ImagePoolConfig", "ImageRunConfig", "InferJobConfig", "InstanceLimitsConfig", "NightlyJobConfig",
     "SceneInferJobConfig", "SceneRunConfig",

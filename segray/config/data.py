@@ -19,26 +19,66 @@ class StorageOptions(_Strict):
     region: Optional[str] = None
 
 
+class StacSourceConfig(_Strict):
+    """Scenes from a STAC catalog or API: each item one scene, its band assets stacked on one grid.
+
+    ``catalog``: a static Catalog, Collection or ItemCollection (or one Item) JSON on any fsspec
+    URL; ``api``: a STAC API searched with pystac-client. ``assets`` names the band assets in band
+    order; the grid is the first asset's (its CRS, extent and pixel size) or ``resolution`` (in
+    the CRS's units). Other assets are resampled onto it by GDAL (``resampling``, per asset in
+    ``asset_resampling``), read windowed; ``raster:bands`` scale, offset and nodata are applied.
+    """
+
+    catalog: Optional[str] = None
+    api: Optional[str] = None
+    collections: Optional[list[str]] = None
+    bbox: Optional[list[float]] = Field(default=None, min_length=4, max_length=4, description="west, south, east, north")
+    intersects: Optional[dict] = Field(default=None, description="a GeoJSON geometry")
+    datetime: Optional[str] = Field(default=None, description="an instant or interval, e.g. 2024-01-01/2024-06-30")
+    query: Optional[dict] = Field(default=None, description='e.g. {"eo:cloud_cover": {"lt": 20}}')
+    filter: Optional[str] = Field(default=None, description="CQL2 text, e.g. \"eo:cloud_cover < 20\" (API only)")
+    max_items: Optional[int] = Field(default=None, gt=0)
+    assets: list[str] = Field(min_length=1, description="band asset keys in band order, e.g. [B04, B03, B02, B08]")
+    label_asset: Optional[str] = Field(default=None, description="a class-map asset on the grid (chips training)")
+    resolution: Optional[float] = Field(default=None, gt=0)
+    resampling: Literal["nearest", "bilinear", "cubic", "average", "mode"] = "bilinear"
+    asset_resampling: dict[str, Literal["nearest", "bilinear", "cubic", "average", "mode"]] = Field(
+        default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_catalog(self) -> "StacSourceConfig":
+        if bool(self.catalog) == bool(self.api):
+            raise ValueError("give exactly one of catalog, api")
+        if self.filter and self.catalog:
+            raise ValueError("filter (CQL2) needs a STAC API; a static catalog takes query")
+        unknown = sorted(set(self.asset_resampling) - set(self.assets))
+        if unknown:
+            raise ValueError(f"asset_resampling: {unknown[0]!r} is not one of assets")
+        return self
+
+
 class SourceConfig(_Strict):
     """Where images (and optionally masks) come from, on any fsspec URL.
 
-    Exactly one of ``images`` (a folder), ``glob`` or ``manifest`` names the images.
-    Masks pair with images by file stem (folder pair) or by the manifest's second column.
+    Exactly one of ``images`` (a folder), ``glob``, ``manifest`` or ``stac`` (a catalog or API,
+    scenes only) names the images. Masks pair with images by file stem (folder pair) or by the
+    manifest's second column.
     """
 
     images: Optional[str] = None
     masks: Optional[str] = None
     glob: Optional[str] = None
     manifest: Optional[str] = None
+    stac: Optional[StacSourceConfig] = None
     extensions: list[str] = Field(default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff"])
     mask_suffix: str = ""
     limit: Optional[int] = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "SourceConfig":
-        given = [n for n in ("images", "glob", "manifest") if getattr(self, n)]
+        given = [n for n in ("images", "glob", "manifest", "stac") if getattr(self, n)]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of images, glob, manifest (got {given or 'none'})")
+            raise ValueError(f"give exactly one of images, glob, manifest, stac (got {given or 'none'})")
         return self
 
 

@@ -21,7 +21,6 @@ from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
 from segray.infer.iceberg import IcebergSink, committed_at, lineage, open_table, props_of
 from segray.infer.steps import error_reasons
-from segray.io.fs import Sample
 from segray.io.sources import list_archive
 from segray.runtime import start_ray
 
@@ -153,7 +152,7 @@ def run_table_night(cfg: NightlyJobConfig, ckpt: Checkpoint, init_ray: bool, t0:
 
         if init_ray:
             start_ray()
-        samples = [Sample(image=e.url, mask=e.mask, image_id=e.image_id) for e in todo]
+        samples = [e.sample for e in todo]
         meta: dict[Any, tuple[int, str]] = {e.url: (e.size, e.version) for e in todo}
         meta.update({("id", e.image_id): (e.size, e.version) for e in todo})
         ds = build_dataset(cfg.infer_config(cfg.output), samples, ckpt)

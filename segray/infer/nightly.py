@@ -66,7 +66,7 @@ from segray.infer.night_tables import run_table_night, table_plan
 from segray.infer.night_workloads import WORKLOADS
 from segray.infer.sinks import FORMAT, INPUTS_SCHEMA, SUCCESS, PartitionSink
 from segray.infer.steps import error_reasons, open_checkpoint
-from segray.io.fs import Sample, get_fs, join, pyarrow_fs
+from segray.io.fs import get_fs, join, pyarrow_fs
 from segray.io.sources import list_archive
 from segray.runtime import start_ray
 
@@ -247,7 +247,7 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
     if todo:
         if init_ray:
             start_ray()
-        samples = [Sample(image=e.url, mask=e.mask, image_id=e.image_id) for e in todo]
+        samples = [e.sample for e in todo]
         workload.write(cfg, sink, samples, ckpt)
     table = sink.rows(["status", "error"])
     status = table["status"].to_pylist()

@@ -88,7 +88,7 @@ def write_scene_rows(plan: ScenesPlan, run: TileRun) -> tuple[list[dict[str, Any
 def _result_row(plan: ScenesPlan, s: PlannedScene, run: TileRun, r: dict[str, Any]) -> dict[str, Any]:
     info, tally = s.info, run.tallies[s.scene_id]
     row = scene_row(
-        scene_id=s.scene_id, source_path=s.sample.image, label_path=s.sample.mask, status=r["status"],
+        scene_id=s.scene_id, source_path=s.sample.source_path, label_path=s.sample.mask, status=r["status"],
         error=r.get("error"), height=info.height, width=info.width, bands=info.count, dtype=info.dtype,
         crs=info.crs, transform=list(info.transform), bounds=list(info.bounds), nodata=info.nodata,
         num_tiles=s.num_tiles, tile_errors=len(tally.errors), model_name=plan.model_name,

@@ -159,8 +159,11 @@ class ScenesPlan:
 
     def add(self, sample: Sample, info: RasterInfo | Exception) -> None:
         """A scene from its header: planned, or an error row when unreadable or unfit for the model."""
-        base = dict(scene_id=sample.image_id, source_path=sample.image, label_path=sample.mask,
+        base = dict(scene_id=sample.image_id, source_path=sample.source_path, label_path=sample.mask,
                     model_name=self.model_name, checkpoint_id=self.ckpt.id, has_ground_truth=False)
+        if sample.error:  # known at listing (a STAC item without its assets): "kind: message"
+            self.rows[sample.image_id] = scene_row(**base, status="error", error=sample.error)
+            return
         if isinstance(info, Exception):
             self.rows[sample.image_id] = scene_row(**base, status="error",
                                                    error=f"unreadable: {type(info).__name__}: {info}")
@@ -240,8 +243,10 @@ def plan_scenes(cfg: SceneInferJobConfig, samples: list[Sample] | None = None) -
     env, work = gdal_env(cfg.storage), work_area(cfg)
     plan = ScenesPlan(cfg, family, ckpt, num_classes, in_channels, names, bands, align, env, work, samples,
                       publication=pub, finished=finished_scenes(work, cfg.storage) if cfg.resume else {})
-    for sample, info in zip(samples, read_headers([s.image for s in samples], env)):  # per scene, not per pixel
-        plan.add(sample, info)
+    readable = [s for s in samples if not s.error]
+    headers = dict(zip((s.image_id for s in readable), read_headers([s.image for s in readable], env)))
+    for sample in samples:  # headers per scene, not per pixel
+        plan.add(sample, headers.get(sample.image_id, ValueError(sample.error)))
     crss = {s.info.crs for s in plan.scenes.values()} - {None}  # scenes without a CRS get no polygons beside others
     plan.polygon_crs = None if not crss else next(iter(crss)) if len(crss) == 1 else MIXED_CRS
     return plan

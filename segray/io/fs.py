@@ -29,11 +29,17 @@ class Sample:
     image: str  # the URL to open (surrogate-escaped where a local name is not UTF-8)
     mask: Optional[str]
     image_id: str  # readable (see readable_path)
+    # A scene made of several files (a STAC item's assets): ``image`` is what GDAL opens (a VRT),
+    # ``source`` the item's href, the row key; ``error`` says why it cannot be read ("kind: msg"),
+    # ``version`` what changes when it does (the nightly runs' key).
+    source: Optional[str] = None
+    error: Optional[str] = None
+    version: Optional[str] = None
 
     @property
     def source_path(self) -> str:
         """The row key: the output rows' ``source_path``, valid UTF-8 (see readable_path)."""
-        return readable_path(self.image)
+        return readable_path(self.source or self.image)
 
 
 # --------------------------------------------------------------------------- filesystems

@@ -87,7 +87,7 @@ def _env(url: str, env: dict[str, Any] | None) -> rasterio.Env:
     # rasterio refuses GDAL's AWS key options and takes keys through an AWSSession instead
     keys = {arg: options.pop(name) for name, arg in _AWS_KEYS.items() if name in options}
     session = AWSSession(**keys, region_name=options.get("AWS_REGION")) if keys else None
-    if gdal_path(url).startswith("/vsi"):
+    if gdal_path(url).startswith(("/vsi", "<VRTDataset")):  # a VRT: its sources are on /vsis3/
         options.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # no LIST per open
     return rasterio.Env(session=session, **options)
 

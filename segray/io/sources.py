@@ -237,20 +237,26 @@ def _glob_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tup
 
 
 # The one seam of inputs: a lister per kind of source, each giving (image URL, id path, its mask
-# URL or None) in a stable order. A catalog (STAC items and their assets) is one more entry and
-# one more SourceConfig field; everything downstream reads Samples.
+# URL or None) in a stable order. A STAC catalog lists Samples itself (items made of several
+# assets, see ``segray.io.stac``); everything downstream reads Samples.
 LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], list[tuple[str, str, Optional[str]]]]] = {
     "images": _folder_rows, "glob": _glob_rows, "manifest": _manifest,
 }
 
 
 def source_kind(source: SourceConfig) -> str:
-    return next(kind for kind in LISTERS if getattr(source, kind, None))
+    return "stac" if source.stac is not None else next(kind for kind in LISTERS if getattr(source, kind, None))
 
 
 def list_samples(source: SourceConfig, storage: StorageOptions | None = None) -> list[Sample]:
     """Image (and mask) URLs named by ``source``; masks not found are None (the caller decides).
-    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``."""
+    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``.
+    A STAC source lists scenes made of several files (``segray.io.stac``): Samples of their own."""
+    if source.stac is not None:
+        from segray.io.stac import stac_samples
+
+        samples = stac_samples(source.stac, storage)
+        return samples[: source.limit] if source.limit else samples
     rows = LISTERS[source_kind(source)](source, storage)
     explicit = {img: m for img, _, m in rows if m}
     items = _unique_ids([(img, rel) for img, rel, _ in rows])
@@ -271,13 +277,23 @@ def list_samples(source: SourceConfig, storage: StorageOptions | None = None) ->
 
 @dataclass(frozen=True, slots=True)
 class ArchiveEntry:
-    """One image of the archive as listed tonight."""
+    """One image (or STAC item) of the archive as listed tonight."""
 
-    url: str
-    image_id: str
-    mask: Optional[str]
+    sample: Sample
     size: int
-    version: str  # S3 ETag, else modification time
+    version: str  # S3 ETag, else modification time; a STAC item's hash of updated + asset hrefs
+
+    @property
+    def url(self) -> str:
+        return self.sample.source_path
+
+    @property
+    def image_id(self) -> str:
+        return self.sample.image_id
+
+    @property
+    def mask(self) -> Optional[str]:
+        return self.sample.mask
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -321,6 +337,8 @@ def list_archive(source: SourceConfig, storage: StorageOptions | None = None) ->
     samples = list_samples(source, storage)
     if not samples:
         return []
+    if source.stac is not None:  # items are versioned by their own metadata: no object listing
+        return [ArchiveEntry(s, 0, s.version or "") for s in samples]
     fs, _ = get_fs(samples[0].image, storage)
     listed = _manifest_versions(source, storage) if source.manifest else {}
     details: dict[str, dict] = {}
@@ -336,5 +354,5 @@ def list_archive(source: SourceConfig, storage: StorageOptions | None = None) ->
             path = fs._strip_protocol(s.image)
             info = details.get(path) or fs.info(path)
             size, version = int(info.get("size") or 0), _version(info)
-        out.append(ArchiveEntry(s.image, s.image_id, s.mask, size, version))
+        out.append(ArchiveEntry(s, size, version))
     return out

@@ -92,6 +92,8 @@ def _fits(image: str, source, storage, ckpt, bands, field: str, bands_field: str
     """One input's header has the bands the checkpoint's model takes (through ``bands``, if set)."""
     from segray.io.preflight import check_bands, image_bands
 
+    if not image:  # a STAC search whose first items are all bad: they become error rows
+        return
     where = f"{field}.{_kind(source)}"
     check_bands(image_bands(image, storage, where), image, ckpt.in_channels, bands, field=where,
                 bands_field=bands_field, what=f"the checkpoint's {ckpt.model_name}")
@@ -164,7 +166,7 @@ def preflight_train(job: TrainJobConfig) -> None:
         if source is None:
             continue
         image = check_source(source, d.storage, f"data.{name}")
-        if name == "source":
+        if name == "source" and image:  # "": a STAC search whose first items are all bad
             where = f"data.{name}.{_kind(source)}"
             check_bands(image_bands(image, d.storage, where), image, job.model.in_channels, d.bands, field=where,
                         bands_field="data.bands", what="the model (model.in_channels)")

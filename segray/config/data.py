@@ -215,6 +215,8 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _chips_fields(self) -> "DataConfig":
         if self.chips is None:
+            if self.source.stac is not None:
+                raise ValueError("source.stac: STAC items are scenes: train on them with chips")
             return self
         if self.format != "semantic":
             raise ValueError("chips: scene chips carry semantic labels (format 'semantic')")

@@ -104,6 +104,13 @@ class InferJobConfig(ImageRunConfig):
     storage: StorageOptions = Field(default_factory=StorageOptions)
     table: Optional[IcebergTableConfig] = Field(default=None, description="rows to this Iceberg table (upserted by source_path) instead of output/predictions/")
 
+    @model_validator(mode="after")
+    def _images_only(self) -> "InferJobConfig":
+        if self.source.stac is not None:
+            raise ValueError("source.stac: STAC items are scenes: segment them with segment-scenes "
+                             "(or nightly with workload: scenes)")
+        return self
+
 
 class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     """How scenes are tiled, predicted and stitched: what ``segment-scenes`` and a nightly run over
@@ -130,6 +137,9 @@ class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     probabilities_dtype: Literal["uint8", "float32"] = Field(
         default="uint8", description="uint8: round(p * 254), nodata 255; float32: p, nodata NaN")
     per_tile_rows: bool = Field(default=False, description="also write tiles.parquet, one row per tile")
+    stac_items: Optional[bool] = Field(
+        default=None, description="write stac/: a STAC Collection, one Item per segmented scene (default: when "
+        "source.stac is the input)")
     polygons: bool = True
     min_polygon_pixels: int = Field(default=0, ge=0, description="drop smaller polygons (after merging)")
     polygon_max_vertices: int = Field(
@@ -226,6 +236,8 @@ class NightlyJobConfig(_Strict):
     def _scenes_to_folders(self) -> "NightlyJobConfig":
         if self.workload == "scenes" and self.table is not None:
             raise ValueError("table: nights of workload 'scenes' go to run_date= folders (rasters have no table)")
+        if self.source.stac is not None and self.workload != "scenes":
+            raise ValueError("source.stac: STAC items are scenes: set workload: scenes")
         return self
 
     def night(self) -> _dt.date:

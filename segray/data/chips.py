@@ -222,12 +222,24 @@ def _labels(cfg: DataConfig, samples: list[Sample]) -> list[tuple[str, str]]:
     if chips.vector_labels:
         if cfg.source.masks:
             raise ValueError("data.chips.vector_labels: give vector labels or source.masks, not both")
-        return [("vector", vector_url(chips.vector_labels, s.image)) for s in samples]
-    missing = [s.image for s in samples if not s.mask]
+        return [("vector", vector_url(chips.vector_labels, s.source_path)) for s in samples]
+    missing = [s.source_path for s in samples if not s.mask]
     if missing:
         raise ValueError(f"data.source: no label raster for {len(missing)} scenes, e.g. {missing[0]} "
                          "(pair them with source.masks or a manifest, or give chips.vector_labels)")
     return [("raster", s.mask or "") for s in samples]
+
+
+def _scenes(cfg: DataConfig) -> list[Sample]:
+    samples = []
+    for s in list_samples(cfg.source, cfg.storage):
+        if s.error:  # a STAC item that is no scene (a missing asset, ...): it has no chips
+            log.warning("skipping scene %s: %s", s.source_path, s.error)
+        else:
+            samples.append(s)
+    if not samples:
+        raise ValueError("data.source: no readable scene for training")
+    return samples
 
 
 def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -237,7 +249,7 @@ def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
     chips = cfg.chips
     assert chips is not None
-    samples = list_samples(cfg.source, cfg.storage)
+    samples = _scenes(cfg)
     labels = _labels(cfg, samples)
     env = gdal_env(cfg.storage)
     headers = read_headers([s.image for s in samples], env)
@@ -248,19 +260,19 @@ def chip_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     reasons: list[str] = []
     for s, (kind, label), info in zip(samples, labels, headers):
         if isinstance(info, Exception):
-            log.warning("skipping scene %s: %s", s.image, info)
+            log.warning("skipping scene %s: %s", s.source_path, info)
             continue
         count = info.count
         if cfg.bands and max(cfg.bands) >= count:
-            raise ValueError(f"data.bands: {s.image} has {count} bands, band {max(cfg.bands)} requested (0-based)")
+            raise ValueError(f"data.bands: {s.source_path} has {count} bands, band {max(cfg.bands)} requested (0-based)")
         if kind == "vector" and info.crs is None:
-            raise ValueError(f"data.chips.vector_labels: scene {s.image} has no CRS to place the polygons")
+            raise ValueError(f"data.chips.vector_labels: scene {s.source_path} has no CRS to place the polygons")
         if info.nodata is not None or chips.nodata is not None:
-            reasons.append(f"{s.image} has nodata")
+            reasons.append(f"{s.source_path} has nodata")
         if chips.label_nodata is not None or label_nodata.get(label) is not None:
             reasons.append(f"{label} has nodata")
         if min(info.height, info.width) < chips.size:
-            reasons.append(f"{s.image} is smaller than a chip")
+            reasons.append(f"{s.source_path} is smaller than a chip")
         windows = chip_windows(info.height, info.width, chips, rng)
         per_scene.append([dict(image=s.image, label=label, label_kind=kind, window=list(w), crs=info.crs or "",
                                transform=list(info.transform)) for w in windows])

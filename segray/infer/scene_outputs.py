@@ -32,6 +32,7 @@ from segray.infer.scene_layout import (
 )
 from segray.infer.scene_plan import PlannedScene, ScenesPlan, TileRun
 from segray.infer.steps import error_reasons
+from segray.infer.stac_items import write_stac_items
 from segray.io.commit import folder_files
 from segray.io.fs import exists, get_fs, join, pyarrow_fs, remove_tree
 
@@ -46,6 +47,8 @@ def write_outputs(plan: ScenesPlan, run: TileRun, t_start: float) -> dict[str, A
     ordered, num_polygons = write_scene_rows(plan, run)
     if cfg.polygons:
         write_polygons(plan, run.results)
+    if cfg.stac_items or (cfg.stac_items is None and cfg.source.stac is not None):
+        write_stac_items(cfg, plan.samples, ordered, plan.class_names)
     _remove_strays(plan, {r["scene_id"] for r in ordered if r["status"] == "ok"})
     wall = time.perf_counter() - t_start
     summary = summarize(cfg, ordered, plan.class_names, plan.num_classes, plan.ckpt.id, plan.model_name,

@@ -21,7 +21,7 @@ import uuid
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
-from segray.config import ConfigError, SourceConfig, StorageOptions
+from segray.config import ConfigError, SourceConfig, StacSourceConfig, StorageOptions
 from segray.io.fs import S3_SCHEMES, get_fs, join, scheme_of, to_url
 
 __all__ = [
@@ -192,6 +192,8 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
     from segray.io.sources import LISTERS, image_extensions, source_kind
 
     kind = source_kind(source)
+    if kind == "stac":
+        return first_scene(source.stac, storage, f"{field}.stac")
     url = getattr(source, kind)
     fld = f"{field}.{kind}"
     check_storage(url, storage, fld)
@@ -222,6 +224,27 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
     return rows[0][0]
 
 
+def first_scene(stac: StacSourceConfig, storage: StorageOptions | None, field: str) -> str:
+    """The catalog exists or the API answers, and the selection names items; returns the first
+    readable item's scene (its VRT), or "" when every item is bad (those become error rows)."""
+    from segray.io.stac import stac_samples
+
+    if stac.catalog:
+        check_storage(stac.catalog, storage, f"{field}.catalog")
+        fs, path = get_fs(stac.catalog, storage)
+        if not _fs_call(lambda: fs.exists(path), stac.catalog, f"{field}.catalog"):
+            raise PreflightError(f"{field}.catalog: {stac.catalog} not found")
+    where = f"{field}.catalog" if stac.catalog else f"{field}.api"
+    probe = stac.model_copy(update={"max_items": min(stac.max_items or 20, 20)})  # a few items' headers
+    try:
+        samples = stac_samples(probe, storage)
+    except Exception as exc:  # an API that does not answer, a catalog that is no STAC
+        raise PreflightError(f"{where}: {stac.catalog or stac.api}: {_reason(exc)}") from None
+    if not samples:
+        raise PreflightError(f"{where}: the search names no items ({stac.catalog or stac.api})")
+    return next((s.image for s in samples if not s.error), "")
+
+
 def check_source(source: SourceConfig, storage: StorageOptions | None = None, field: str = "source") -> str:
     """The source exists and lists (one image found), its masks folder exists; returns that image's URL."""
     image = first_image(source, storage, field)
@@ -232,7 +255,8 @@ def check_source(source: SourceConfig, storage: StorageOptions | None = None, fi
 
 def image_bands(url: str, storage: StorageOptions | None = None, field: str = "source") -> int:
     """The band count in ``url``'s header (GeoTIFF/COG through GDAL, others through Pillow)."""
-    if posixpath.splitext(url)[1].lower() in (".tif", ".tiff") or url.lower().endswith((".vrt", ".jp2")):
+    if posixpath.splitext(url)[1].lower() in (".tif", ".tiff") or url.lower().endswith((".vrt", ".jp2")) \
+            or url.startswith("<VRTDataset"):  # a STAC item's scene
         from segray.io.raster import gdal_env, read_headers
 
         info = read_headers([url], gdal_env(storage), threads=1)[0]
@@ -251,6 +275,10 @@ def image_bands(url: str, storage: StorageOptions | None = None, field: str = "s
         raise PreflightError(f"{field}: {url} is not a readable image ({str(exc).splitlines()[0][:200]})") from None
 
 
+def _shown(image: str) -> str:
+    return "each item (its assets)" if image.startswith("<VRTDataset") else image
+
+
 def check_bands(count: int, image: str, in_channels: int, bands: list[int] | None, field: str = "source",
                 bands_field: str | None = "bands", what: str = "the model") -> None:
     """``image`` (with ``count`` bands) gives ``in_channels`` bands, through ``bands`` (0-based) if set."""
@@ -258,13 +286,13 @@ def check_bands(count: int, image: str, in_channels: int, bands: list[int] | Non
         label = bands_field or "checkpoint"  # None: the selection is the checkpoint's own
         bad = [b for b in bands if b >= count or b < 0]
         if bad:
-            raise PreflightError(f"{label}: band {bad[0]} selected (0-based), but {image} has {count} bands")
+            raise PreflightError(f"{label}: band {bad[0]} selected (0-based), but {_shown(image)} has {count} bands")
         if len(bands) != in_channels:
             raise PreflightError(f"{label}: {len(bands)} bands selected, {what} takes {in_channels}")
         return
     if count != in_channels:
         hint = f" (select {in_channels} with {bands_field})" if bands_field and count > in_channels else ""
-        raise PreflightError(f"{field}: {image} has {count} bands, {what} takes {in_channels}{hint}")
+        raise PreflightError(f"{field}: {_shown(image)} has {count} bands, {what} takes {in_channels}{hint}")
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -44,9 +44,18 @@ def _read_items(href: str, stac_io: StacIO) -> list[pystac.Item]:
     return list(obj.get_items(recursive=True))
 
 
+def _moment(text: str, end: bool) -> dt.datetime | None:
+    """A bound of a STAC datetime: '..' open; a bare date spans its whole day; naive is UTC."""
+    if text in ("", ".."):
+        return None
+    t = str_to_datetime(text)
+    t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    return t + dt.timedelta(days=1, microseconds=-1) if end and len(text) == 10 else t
+
+
 def _interval(text: str) -> tuple[dt.datetime | None, dt.datetime | None]:
-    ends = [None if p in ("", "..") else str_to_datetime(p) for p in text.split("/")]
-    return (ends[0], ends[-1])
+    parts = text.split("/")
+    return _moment(parts[0], False), _moment(parts[-1], True)
 
 
 def _in_time(item: pystac.Item, start, end) -> bool:
@@ -55,8 +64,6 @@ def _in_time(item: pystac.Item, start, end) -> bool:
     last = str_to_datetime(p["end_datetime"]) if p.get("end_datetime") else item.datetime
     if first is None or last is None:
         return False
-    if start is not None and end is not None and start == end:  # an instant
-        return first <= start <= last
     return (start is None or last >= start) and (end is None or first <= end)
 
 

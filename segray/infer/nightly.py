@@ -155,7 +155,9 @@ def read_committed(output: str, storage: StorageOptions | None = None, columns: 
     row (the history). ``columns`` limits what is read (e.g. leave out ``mask_png``).
     """
     commits = committed_runs(output, storage)
-    schema = family_of(commits[-1].task if commits else "semantic").schema
+    family = family_of(commits[-1].task if commits else "semantic")
+    # the rows' schema is the workload's (scene rows for workload scenes): an empty night has no file to say it
+    schema = WORKLOADS[commits[-1].record.get("workload", "images")].schema(family) if commits else family.schema
     want = list(columns) if columns else list(schema.names)
     read_cols = want if "source_path" in want else want + ["source_path"]
     seen: set[str] = set()

@@ -60,15 +60,16 @@ def _classes(names: list[str]) -> list[Classification]:
             for i, name in enumerate(names)]
 
 
-def _asset(url: str, title: str, data_type: DataType, nodata: float, storage, classes=None) -> pystac.Asset:
-    asset = pystac.Asset(url, title=title, media_type=pystac.MediaType.COG, roles=["data"])
+def _add_asset(item: pystac.Item, key: str, url: str, title: str, data_type: DataType, nodata: float, storage,
+               classes: list[Classification] | None = None) -> None:
+    item.add_asset(key, pystac.Asset(url, title=title, media_type=pystac.MediaType.COG, roles=["data"]))
+    asset = item.assets[key]  # extensions need the asset's owner
     RasterExtension.ext(asset, add_if_missing=True).bands = [RasterBand.create(data_type=data_type, nodata=nodata)]
     if classes is not None:
         ClassificationExtension.ext(asset, add_if_missing=True).classes = classes
     checksum, size = _multihash(url, storage)
     file = FileExtension.ext(asset, add_if_missing=True)
     file.checksum, file.size = checksum, size
-    return asset
 
 
 def scene_item(row: dict[str, Any], sample: Sample, cfg, class_names: list[str], stac_io) -> pystac.Item:
@@ -81,13 +82,12 @@ def scene_item(row: dict[str, Any], sample: Sample, cfg, class_names: list[str],
         (bbox, geometry), when, props = _footprint(row), dt.datetime.now(dt.timezone.utc), {}
     item = pystac.Item(row["scene_id"], geometry, bbox, when, props)
     item.properties["segray:model_name"], item.properties["segray:checkpoint_id"] = row["model_name"], row["checkpoint_id"]
-    item.add_asset("mask", _asset(row["mask_path"], "class map", DataType.UINT8, MASK_NODATA, cfg.storage,
-                                  _classes(class_names)))
+    _add_asset(item, "mask", row["mask_path"], "class map", DataType.UINT8, MASK_NODATA, cfg.storage,
+               _classes(class_names))
     if row.get("probabilities_path"):
         u8 = cfg.probabilities_dtype == "uint8"
-        item.add_asset("probabilities", _asset(row["probabilities_path"], "class probabilities",
-                                               DataType.UINT8 if u8 else DataType.FLOAT32, 255 if u8 else float("nan"),
-                                               cfg.storage))
+        _add_asset(item, "probabilities", row["probabilities_path"], "class probabilities",
+                   DataType.UINT8 if u8 else DataType.FLOAT32, 255 if u8 else float("nan"), cfg.storage)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     if row["crs"]:
         proj.code = row["crs"] if row["crs"].upper().startswith("EPSG:") else None

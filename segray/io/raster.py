@@ -116,6 +116,11 @@ def close_datasets(url: str | None = None) -> None:
 
 def open_info(url: str, env: dict[str, Any] | None = None) -> RasterInfo:
     ds = _dataset(url, env)
+    with _env(url, env):  # a VRT's overviews are its sources': GDAL opens them here
+        return _info(url, ds)
+
+
+def _info(url: str, ds) -> RasterInfo:
     return RasterInfo(
         path=url,
         height=ds.height,

@@ -173,6 +173,7 @@ def test_every_example_config_loads():
     jobs = {"demo_train": TrainJobConfig, "scenes_train": TrainJobConfig, "train_instance": TrainJobConfig,
             "train_smp": TrainJobConfig,
             "demo_infer": InferJobConfig, "infer_instance": InferJobConfig, "scenes_infer": SceneInferJobConfig,
+            "stac_scenes": SceneInferJobConfig,
             "nightly": NightlyJobConfig, "nightly_iceberg": NightlyJobConfig}
     assert {p.stem for p in (REPO / "configs").glob("*.yaml")} <= set(jobs)
     for stem, cls in jobs.items():

@@ -200,3 +200,27 @@ def test_nightly_over_the_api_processes_only_new_and_updated_items(archive, tmp_
     for r in latest:
         if r["status"] == "ok":
             assert _mask(r["mask_path"], a["storage"])[0].size > 0
+
+
+def test_chips_training_reads_the_items_band_assets_and_label_asset(archive, tmp_path):
+    """Chips cut from the items' VRTs (scaled reflectance) with the label asset as ground truth;
+    the broken items are skipped, the checkpoint records the 5 bands' statistics."""
+    import os
+
+    from segray.config import TrainJobConfig
+    from segray.core.checkpoint import FILENAME, load_payload
+    from segray.train.trainer import run_training
+
+    a = archive
+    job = build_config(TrainJobConfig, {
+        "data": {"source": {"stac": {"catalog": a["catalog"], "assets": sa.ASSETS, "label_asset": "label",
+                                     "query": {"eo:cloud_cover": {"lt": 20}}}},
+                 "storage": a["storage"].model_dump(), "class_names": ["dry land", "water"], "ignore_index": 255,
+                 "val_fraction": 0.5, "chips": {"size": 128, "per_scene": 8}},
+        "model": {"in_channels": 5, "num_classes": 2, "depth": 2, "base_width": 8},
+        "train": {"epochs": 1, "batch_size": 4, "num_workers": 2, "patience": None,
+                  "storage_path": str(tmp_path / "runs"), "name": "stac"}})
+    result = run_training(job)
+    assert np.isfinite(result.history[0]["train_loss"]) and 0 <= result.history[0]["val_miou"] <= 1
+    stats = load_payload(os.path.join(result.best_checkpoint, FILENAME))["band_stats"]
+    assert len(stats["mean"]) == 5 and all(0.01 < m < 0.6 for m in stats["mean"])  # raster:bands scale applied

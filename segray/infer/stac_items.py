@@ -25,7 +25,7 @@ from rasterio.warp import transform_bounds
 
 from segray.infer.scene_grid import MASK_NODATA
 from segray.infer.scene_layout import POLYGONS
-from segray.io.fs import Sample, get_fs, join
+from segray.io.fs import Sample, exists, get_fs, join, remove_tree
 from segray.io.stac import FsspecStacIO
 
 STAC = "stac"
@@ -118,12 +118,15 @@ def _collection(items: list[pystac.Item], cfg) -> pystac.Collection:
 def write_stac_items(cfg, samples: list[Sample], rows: list[dict[str, Any]], class_names: list[str]) -> int:
     """``stac/collection.json`` and ``stac/<scene>/<scene>.json`` for every ok row; returns their number."""
     stac_io = FsspecStacIO(cfg.storage)
+    root = join(cfg.output, STAC)
+    if exists(root, cfg.storage):  # a killed attempt's items: scenes not ok this time must not stay listed
+        remove_tree(root, cfg.storage)
     by_id = {s.image_id: s for s in samples}
     items = [scene_item(r, by_id[r["scene_id"]], cfg, class_names, stac_io) for r in rows if r["status"] == "ok"]
     collection = _collection(items, cfg)
     for item in items:
         collection.add_item(item)
-    collection.normalize_hrefs(join(cfg.output, STAC))
+    collection.normalize_hrefs(root)
     collection.make_all_asset_hrefs_relative()
     collection.save(pystac.CatalogType.SELF_CONTAINED, stac_io=stac_io)
     return len(items)

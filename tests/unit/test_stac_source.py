@@ -127,3 +127,19 @@ def test_wrong_stac_configs_fail_before_ray(catalog, tmp_path):
     with pytest.raises(PreflightError, match=r"^source\.stac\.api: http://127\.0\.0\.1:9/: connection refused$"):
         first_scene(StacSourceConfig(api="http://127.0.0.1:9/", assets=["B04"]), None, "source.stac")
     assert first_scene(_cfg(href), None, "source.stac").startswith("<VRTDataset")
+
+
+def test_resolution_and_per_asset_resampling(catalog):
+    href, root = catalog
+    first = lambda **kw: stac_samples(_cfg(href, max_items=1, **kw))[0].image  # noqa: E731
+    with rasterio.open(root / "cogs" / "spain-a" / "B04.tif") as b04:
+        width, height, left, top = b04.width, b04.height, b04.bounds.left, b04.bounds.top
+    coarse = open_info(first(resolution=20.0))  # the grid at 20 m: same origin and extent, half the pixels
+    assert coarse.transform == (20.0, 0.0, left, 0.0, -20.0, top)
+    assert (coarse.width, coarse.height) == (-(-width // 2), -(-height // 2))
+    with rasterio.open(first(asset_resampling={"B11": "nearest"})) as vrt:
+        b11 = vrt.read(5)
+    with rasterio.open(root / "cogs" / "spain-a" / "B11.tif") as src:
+        raw = src.read(1)
+    values = set(np.unique((raw[raw != 0] * sa.SCALE).astype(np.float32)).tolist())
+    assert set(np.unique(b11[b11 != 0]).tolist()) <= values  # nearest: only the asset's own values

@@ -126,3 +126,17 @@ def write_catalog(items: list[pystac.Item], root: str, stac_io) -> str:
     catalog.normalize_hrefs(root)
     catalog.save(pystac.CatalogType.ABSOLUTE_PUBLISHED, stac_io=stac_io)
     return f"{root}/catalog.json"
+
+
+def stac_validator_ok(d: dict) -> tuple[bool, list]:
+    """stac-validator on one STAC object, core schemas only, from pystac's local copies: this
+    machine cannot fetch schemas, and the extension schemas exist only online."""
+    from pystac.validation import local_validator
+    from stac_validator.validate import StacValidate
+
+    base = Path(local_validator.__file__).parent / "jsonschemas"
+    version = local_validator.VERSION
+    schema_map = {url: str(base / (f"stac-spec/v{version}" if "stacspec" in url else "geojson") / url.rsplit("/", 1)[1])
+                  for url in local_validator.get_local_schema_cache()}
+    validator = StacValidate(core=True, schema_map=schema_map)
+    return validator.validate_dict(d), validator.message

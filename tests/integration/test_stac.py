@@ -89,6 +89,8 @@ def _check_items(a, out: str, rows: dict[str, dict], source_hrefs: dict[str, str
     source_items = {i.id: i for i in a["items"]}
     for sid, item in items.items():
         validator.validate_core(item.to_dict(), pystac.STACObjectType.ITEM, "1.1.0")
+        ok, message = sa.stac_validator_ok(item.to_dict())
+        assert ok, message
         src = source_items[sid]
         assert item.datetime == src.datetime and item.bbox == pytest.approx(src.bbox)
         assert item.geometry == src.geometry

@@ -143,3 +143,20 @@ def test_resolution_and_per_asset_resampling(catalog):
         raw = src.read(1)
     values = set(np.unique((raw[raw != 0] * sa.SCALE).astype(np.float32)).tolist())
     assert set(np.unique(b11[b11 != 0]).tolist()) <= values  # nearest: only the asset's own values
+
+
+def test_an_item_collection_or_one_item_lists_like_the_catalog(catalog, tmp_path):
+    href, _ = catalog
+    from_catalog = stac_samples(_cfg(href))
+    items = [pystac.Item.from_file(s.source) for s in from_catalog]
+    (tmp_path / "search.json").write_text(json.dumps(pystac.ItemCollection(items).to_dict()))
+    listed = stac_samples(_cfg(str(tmp_path / "search.json")))
+    assert [(s.image_id, s.image, s.error) for s in listed] == [(s.image_id, s.image, s.error) for s in from_catalog]
+    one = stac_samples(_cfg(from_catalog[1].source))
+    assert [(s.image_id, s.image) for s in one] == [(from_catalog[1].image_id, from_catalog[1].image)]
+    west, south, east, north = items[0].bbox
+    corner = {"type": "Polygon", "coordinates": [[[west, south], [west + 1e-4, south], [west, south + 1e-4],
+                                                  [west, south]]]}
+    assert "spain-a" in [s.image_id for s in stac_samples(_cfg(href, intersects=corner))]
+    far = {"type": "Point", "coordinates": [10.0, 45.0]}
+    assert stac_samples(_cfg(href, intersects=far)) == []

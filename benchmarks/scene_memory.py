@@ -7,6 +7,11 @@ Ray started. A worker process's role is read from its title while it works (``ra
 ``ray::MapWorker(...TileProbabilities)``, ...), so peaks are attributed to what the process was
 doing. The claim to check: the peaks do not grow with the scene (5,000² vs 20,000² = 16x pixels).
 
+Throughput is put beside the model alone: the actors' own predictor (``TileProbabilities``) on
+32 of the scene's tiles, read beforehand, on the same cores, extrapolated to the scene's tile
+count. The last line prints ``scene pipeline/model-only: X.XX`` for the largest scene, so runs
+compare by it.
+
     python benchmarks/scene_memory.py --size 5000                 # ~ minutes on 2 CPU cores
     python benchmarks/scene_memory.py --size 5000 --size 20000    # the 20,000² scene: 3.2 GB raw
     python benchmarks/scene_memory.py --size 20000 --num-gpus-per-actor 1 --batch-size 16   # on GPUs
@@ -136,6 +141,51 @@ def make_checkpoint(workdir: Path, depth: int, base_width: int, calibrated: bool
     return str(path)
 
 
+def model_only_tiles_per_s(checkpoint: str, scene: str, tile_size: int, overlap: int, batch_size: int,
+                           num_tiles: int = 32, min_seconds: float = 10.0) -> float:
+    """The model alone: the actors' own predictor (TileProbabilities) on ``num_tiles`` of the
+    scene's tiles, read beforehand, batch after batch for at least ``min_seconds``; tiles/s."""
+    import time as _time
+
+    from segray.infer.scene_grid import grid_tiles
+    from segray.infer.scene_steps import TileProbabilities
+    from segray.io.raster import open_info, read_window
+
+    info = open_info(scene)
+    tiles = grid_tiles(info.height, info.width, tile_size, overlap)[:num_tiles]
+    reads = [read_window(scene, t.window) for t in tiles]
+    images, valid = [r[0] for r in reads], [r[1] for r in reads]
+    predictor = TileProbabilities(checkpoint, max_batch=batch_size)
+    predictor.probabilities(images[:batch_size], valid[:batch_size])  # warm-up
+    done, t0 = 0, _time.perf_counter()
+    while _time.perf_counter() - t0 < min_seconds:
+        predictor.probabilities(images, valid)
+        done += len(images)
+    return done / (_time.perf_counter() - t0)
+
+
+def model_only(args, size: int, checkpoint: str) -> float:
+    """``model_only_tiles_per_s`` in a fresh process with the model processes' allocator settings
+    (as the actors get them), so that the driver's RSS and allocator stay out of it."""
+    import multiprocessing
+    import os
+
+    from segray.runtime import MODEL_PROCESS_ENV
+
+    saved = {k: os.environ.get(k) for k in MODEL_PROCESS_ENV}
+    os.environ.update(MODEL_PROCESS_ENV)  # read by the allocator at process start: set before the spawn
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(model_only_tiles_per_s, (checkpoint, str(args.workdir / f"scene_{size}.tif"),
+                                                       args.tile_size, args.overlap, args.batch_size))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_one(args, size: int, checkpoint: str) -> dict:
     import ray
 
@@ -206,12 +256,18 @@ def main() -> None:
     results = []
     for size in sizes:
         res = run_one(args, size, checkpoint)
+        tiles_per_s = model_only(args, size, checkpoint)  # the same tiles' forward, preloaded, same cores
+        res["model_only_megapixels_per_s"] = res["megapixels"] / (res["num_tiles"] / tiles_per_s)
+        res["pipeline_over_model_only"] = res["megapixels_per_s"] / res["model_only_megapixels_per_s"]
         results.append(res)
         print(f"\n== {size:,} x {size:,} px, 4-band uint16: {res['megapixels']:,.0f} MP, {res['num_tiles']:,} tiles, "
               f"{res['status']}, {res['num_polygons']:,} polygons", flush=True)
         print(f"   wall {res['wall_s']:,.1f} s (last tile written at {res['tiles_done_s']:,.1f} s, stitch "
               f"{res['stitch_s']:,.1f} s): "
               f"{res['megapixels_per_s']:.2f} megapixels/s")
+        print(f"   model only (the same tiles, preloaded, {tiles_per_s:.2f} tiles/s): "
+              f"{res['model_only_megapixels_per_s']:.2f} megapixels/s; pipeline/model-only "
+              f"{res['pipeline_over_model_only']:.2f}")
         print(f"   {'role':36s} {'procs':>5s} {'peak RSS MiB':>13s} {'peak RSS-shared MiB':>20s}")
         for role, v in sorted(res["roles"].items()):
             print(f"   {role:36s} {v['processes']:5d} {v['peak_rss_mib']:13,.0f} {v['peak_private_mib']:20,.0f}")
@@ -219,7 +275,7 @@ def main() -> None:
             f"{pid}:{v['peak_rss_mib']:,.0f} {v['role_at_peak']}" for pid, v in sorted(
                 res["processes"].items(), key=lambda kv: -kv[1]["peak_rss_mib"])[:12]))
         if not args.keep_scenes:
-            Path(args.workdir / f"scene_{size}.tif").unlink(missing_ok=True)
+            Path(args.workdir / f"scene_{size}.tif").unlink(missing_ok=True)  # after model_only read it
     if len(results) > 1:
         a, b = results[0], results[-1]
         print(f"\n{b['size']:,}² vs {a['size']:,}²: {b['megapixels'] / a['megapixels']:.0f}x pixels")
@@ -229,6 +285,8 @@ def main() -> None:
     out = args.workdir / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")
+    # last, so that runs compare by their last line: the largest scene's ratio
+    print(f"scene pipeline/model-only: {results[-1]['pipeline_over_model_only']:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,16 @@ def _child(what: str, manifest: str) -> None:
         entries = list_archive(source)
         n = len(entries)
         if what == "nightly diff":
-            done = {e.key for e in entries[: n * 9 // 10]}  # what committed nights hold
+            from segray.infer.nightly import unprocessed
+            from segray.infer.sinks import INPUTS_SCHEMA
+
+            held = entries[: n * 9 // 10]  # what committed nights hold: their inputs tables, in Arrow
+            done = pa.table({"source_path": [e.url for e in held], "image_id": [e.image_id for e in held],
+                             "size": [e.size for e in held], "version": [e.version for e in held]},
+                            schema=INPUTS_SCHEMA)
+            del held
             t = time.perf_counter()  # the diff alone (its listing is the row above)
-            n_todo = len([e for e in entries if e.key not in done])
+            n_todo = len(unprocessed(entries, [done]))
             assert n_todo == n - n * 9 // 10
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

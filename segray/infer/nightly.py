@@ -67,7 +67,7 @@ from segray.infer.night_workloads import WORKLOADS
 from segray.infer.sinks import FORMAT, INPUTS_SCHEMA, SUCCESS, PartitionSink
 from segray.infer.steps import error_reasons, open_checkpoint
 from segray.io.fs import get_fs, join, pyarrow_fs
-from segray.io.sources import list_archive
+from segray.io.sources import ArchiveEntry, list_archive
 from segray.runtime import start_ray
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,31 @@ def plan(cfg: NightlyJobConfig, commits: list[Commit] | None = None) -> dict[str
     commits = committed_runs(cfg.output, cfg.storage) if commits is None else commits  # the run's own listing
     mine = next((c for c in commits if c.run_date == night), None)
     entries = list_archive(cfg.source, cfg.storage)
-    done: set[tuple[str, int, str]] = set()
-    for c in commits:
-        if c.run_date == night:
-            continue  # a rebuild recomputes this night's own images
-        t = committed_inputs(c, cfg.storage)
-        done.update(zip(t["source_path"].to_pylist(), t["size"].to_pylist(), t["version"].to_pylist()))
-    todo = [e for e in entries if e.key not in done]
+    # a rebuild recomputes this night's own images
+    done = [committed_inputs(c, cfg.storage) for c in commits if c.run_date != night]
+    todo = unprocessed(entries, done)
     return {"run_date": night, "partition": partition_url(cfg.output, night), "committed": mine,
             "entries": entries, "todo": todo, "num_done_before": len(entries) - len(todo),
             "num_commits": len(commits)}
+
+
+_KEY = ["source_path", "size", "version"]
+
+
+def unprocessed(entries: list[ArchiveEntry], done: list[pa.Table]) -> list[ArchiveEntry]:
+    """The entries whose (path, size, version) no committed night holds, in listing order: an
+    Arrow anti-join, so the committed nights' inputs stay in Arrow columns (tens of bytes per
+    object) instead of a Python set beside the listing."""
+    if not entries or not done:
+        return list(entries)
+    listed = pa.table({"source_path": pa.array([e.url for e in entries], pa.string()),
+                       "size": pa.array([e.size for e in entries], pa.int64()),
+                       "version": pa.array([e.version or "" for e in entries], pa.string()),
+                       "row": pa.array(range(len(entries)), pa.int64())})
+    committed = pa.concat_tables([t.select(_KEY).cast(INPUTS_SCHEMA.remove(1)) for t in done])
+    committed = committed.set_column(2, "version", pc.fill_null(committed["version"], ""))
+    rows = listed.join(committed, keys=_KEY, join_type="left anti", use_threads=True)["row"]
+    return [entries[i] for i in sorted(rows.to_pylist())]
 
 
 def _already_committed(commit: Commit, t0: float) -> dict[str, Any]:

@@ -213,7 +213,8 @@ def unprocessed(entries: list[ArchiveEntry], done: list[pa.Table]) -> list[Archi
                        "size": pa.array([e.size for e in entries], pa.int64()),
                        "version": pa.array([e.version or "" for e in entries], pa.string()),
                        "row": pa.array(range(len(entries)), pa.int64())})
-    committed = pa.concat_tables([t.select(_KEY).cast(INPUTS_SCHEMA.remove(1)) for t in done])
+    key_schema = pa.schema([INPUTS_SCHEMA.field(k) for k in _KEY])
+    committed = pa.concat_tables([t.select(_KEY).cast(key_schema) for t in done])
     committed = committed.set_column(2, "version", pc.fill_null(committed["version"], ""))
     rows = listed.join(committed, keys=_KEY, join_type="left anti", use_threads=True)["row"]
     return [entries[i] for i in sorted(rows.to_pylist())]

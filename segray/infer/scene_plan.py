@@ -157,8 +157,9 @@ class ScenesPlan:
     def polygon_part(self, scene_id: str) -> str:
         return join(self.work, "polygons", f"{scene_id}.parquet")
 
-    def add(self, sample: Sample, info: RasterInfo | Exception) -> None:
-        """A scene from its header: planned, or an error row when unreadable or unfit for the model."""
+    def add(self, sample: Sample, info: RasterInfo | Exception | None) -> None:
+        """A scene from its header: planned, or an error row when unreadable or unfit for the model
+        (``None``: no header, the sample's own ``error`` says why)."""
         base = dict(scene_id=sample.image_id, source_path=sample.source_path, label_path=sample.mask,
                     model_name=self.model_name, checkpoint_id=self.ckpt.id, has_ground_truth=False)
         if sample.error:  # known at listing (a STAC item without its assets): "kind: message"
@@ -243,10 +244,9 @@ def plan_scenes(cfg: SceneInferJobConfig, samples: list[Sample] | None = None) -
     env, work = gdal_env(cfg.storage), work_area(cfg)
     plan = ScenesPlan(cfg, family, ckpt, num_classes, in_channels, names, bands, align, env, work, samples,
                       publication=pub, finished=finished_scenes(work, cfg.storage) if cfg.resume else {})
-    readable = [s for s in samples if not s.error]
-    headers = dict(zip((s.image_id for s in readable), read_headers([s.image for s in readable], env)))
-    for sample in samples:  # headers per scene, not per pixel
-        plan.add(sample, headers.get(sample.image_id, ValueError(sample.error)))
+    headers = iter(read_headers([s.image for s in samples if not s.error], env))  # per scene, not per pixel
+    for sample in samples:
+        plan.add(sample, None if sample.error else next(headers))
     crss = {s.info.crs for s in plan.scenes.values()} - {None}  # scenes without a CRS get no polygons beside others
     plan.polygon_crs = None if not crss else next(iter(crss)) if len(crss) == 1 else MIXED_CRS
     return plan

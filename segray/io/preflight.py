@@ -255,8 +255,10 @@ def check_source(source: SourceConfig, storage: StorageOptions | None = None, fi
 
 def image_bands(url: str, storage: StorageOptions | None = None, field: str = "source") -> int:
     """The band count in ``url``'s header (GeoTIFF/COG through GDAL, others through Pillow)."""
+    from segray.io.raster import is_inline_vrt
+
     if posixpath.splitext(url)[1].lower() in (".tif", ".tiff") or url.lower().endswith((".vrt", ".jp2")) \
-            or url.startswith("<VRTDataset"):  # a STAC item's scene
+            or is_inline_vrt(url):  # a STAC item's scene
         from segray.io.raster import gdal_env, read_headers
 
         info = read_headers([url], gdal_env(storage), threads=1)[0]
@@ -276,7 +278,9 @@ def image_bands(url: str, storage: StorageOptions | None = None, field: str = "s
 
 
 def _shown(image: str) -> str:
-    return "each item (its assets)" if image.startswith("<VRTDataset") else image
+    from segray.io.raster import is_inline_vrt
+
+    return "each item (its assets)" if is_inline_vrt(image) else image
 
 
 def check_bands(count: int, image: str, in_channels: int, bands: list[int] | None, field: str = "source",

@@ -56,6 +56,11 @@ def gdal_path(url: str) -> str:
     return "/vsis3/" + url[len("s3://"):] if url.startswith("s3://") else url
 
 
+def is_inline_vrt(url: str) -> bool:
+    """A VRT given as XML text (a STAC item's stacked assets), not a file name."""
+    return url.startswith("<VRTDataset")
+
+
 def gdal_env(storage: StorageOptions | None = None) -> dict[str, str]:
     """GDAL /vsis3/ options from ``StorageOptions``, with the endpoint fallbacks of
     ``segray.io.fs`` (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``). A custom endpoint
@@ -87,7 +92,7 @@ def _env(url: str, env: dict[str, Any] | None) -> rasterio.Env:
     # rasterio refuses GDAL's AWS key options and takes keys through an AWSSession instead
     keys = {arg: options.pop(name) for name, arg in _AWS_KEYS.items() if name in options}
     session = AWSSession(**keys, region_name=options.get("AWS_REGION")) if keys else None
-    if gdal_path(url).startswith(("/vsi", "<VRTDataset")):  # a VRT: its sources are on /vsis3/
+    if gdal_path(url).startswith("/vsi") or is_inline_vrt(url):  # a VRT's sources may be on /vsis3/
         options.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")  # no LIST per open
     return rasterio.Env(session=session, **options)
 

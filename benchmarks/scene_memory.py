@@ -6,6 +6,9 @@ fresh local Ray, and samples (psutil, in a thread) the RSS of the driver and of 
 Ray started. A worker process's role is read from its title while it works (``ray::stitch_scene``,
 ``ray::MapWorker(...TileProbabilities)``, ...), so peaks are attributed to what the process was
 doing. The claim to check: the peaks do not grow with the scene (5,000² vs 20,000² = 16x pixels).
+Each size runs once per ``--band-rows`` (rows per stitch band; 0 = the whole scene as one band,
+one stitch task after the last tile), so banded and single stitching print side by side. The
+intermediate data (tile blobs in the work area) is printed in bytes per scene pixel.
 
 Throughput is put beside the model alone: the actors' own predictor (``TileProbabilities``) on
 32 of the scene's tiles, read beforehand, on the same cores, extrapolated to the scene's tile
@@ -37,6 +40,8 @@ ROLES = (  # (title fragment, role), first match wins
     ("TileProbabilities", "read+predict actor"),
     ("read_tiles", "read+predict actor"),
     ("write_tiles", "write-tiles task"),
+    ("stitch_band", "stitch band task"),
+    ("assemble", "assemble task"),
     ("stitch_scene", "stitch task"),
     ("ray::IDLE", "idle worker"),
     ("ray::", "other ray worker"),
@@ -186,7 +191,11 @@ def model_only(args, size: int, checkpoint: str) -> float:
                 os.environ[k] = v
 
 
-def run_one(args, size: int, checkpoint: str) -> dict:
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_one(args, size: int, checkpoint: str, band_rows: int) -> dict:
     import ray
 
     from segray.config import SceneInferJobConfig, SourceConfig
@@ -198,7 +207,8 @@ def run_one(args, size: int, checkpoint: str) -> dict:
         source=SourceConfig(glob=scene), checkpoint=checkpoint, output=str(out), tile_size=args.tile_size,
         overlap=args.overlap, margin=args.margin, block_size=512, batch_size=args.batch_size,
         num_actors=args.num_actors, num_gpus_per_actor=args.num_gpus_per_actor, polygons=not args.no_polygons,
-        min_polygon_pixels=64, overwrite=True, gdal_cache_mb=args.gdal_cache_mb,
+        min_polygon_pixels=64, overwrite=True, gdal_cache_mb=args.gdal_cache_mb, band_rows=band_rows,
+        blend=args.blend, keep_work=True,  # to size the intermediate data; removed below
     )
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -209,9 +219,11 @@ def run_one(args, size: int, checkpoint: str) -> dict:
     finally:
         ray.shutdown()
     row = json.loads(json.dumps({k: v for k, v in summary.items()}, default=str))
+    blobs = _folder_bytes(out / "_work" / "tiles")
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "size": size, "megapixels": size * size / 1e6, "wall_s": wall, "tiles_done_s": summary["tiles_done_s"],
+        "size": size, "band_rows": band_rows, "blend": args.blend, "intermediate_bytes_per_px": blobs / (size * size),
+        "megapixels": size * size / 1e6, "wall_s": wall, "tiles_done_s": summary["tiles_done_s"],
         "stitch_s": summary["stitch_s"],
         "megapixels_per_s": size * size / 1e6 / wall, "num_tiles": summary["num_tiles"],
         "num_polygons": summary["num_polygons"], "status": f"{summary['num_ok']} ok / {summary['num_error']} error",
@@ -221,6 +233,26 @@ def run_one(args, size: int, checkpoint: str) -> dict:
                                  "peak_private_mib": v["private"] / 2**20} for pid, v in sampler.by_pid.items()},
         "summary": row,
     }
+
+
+def report(res: dict, tiles_per_s: float) -> None:
+    res["model_only_megapixels_per_s"] = res["megapixels"] / (res["num_tiles"] / tiles_per_s)
+    res["pipeline_over_model_only"] = res["megapixels_per_s"] / res["model_only_megapixels_per_s"]
+    print(f"\n== {res['size']:,} x {res['size']:,} px, 4-band uint16: {res['megapixels']:,.0f} MP, "
+          f"{res['num_tiles']:,} tiles, band_rows {res['band_rows']}, blend {res['blend']}, {res['status']}, "
+          f"{res['num_polygons']:,} polygons", flush=True)
+    print(f"   wall {res['wall_s']:,.1f} s (last tile written at {res['tiles_done_s']:,.1f} s, stitch "
+          f"{res['stitch_s']:,.1f} CPU-s): {res['megapixels_per_s']:.2f} megapixels/s; intermediate "
+          f"{res['intermediate_bytes_per_px']:.2f} bytes per scene pixel")
+    print(f"   model only (the same tiles, preloaded, {tiles_per_s:.2f} tiles/s): "
+          f"{res['model_only_megapixels_per_s']:.2f} megapixels/s; pipeline/model-only "
+          f"{res['pipeline_over_model_only']:.2f}")
+    print(f"   {'role':36s} {'procs':>5s} {'peak RSS MiB':>13s} {'peak RSS-shared MiB':>20s}")
+    for role, v in sorted(res["roles"].items()):
+        print(f"   {role:36s} {v['processes']:5d} {v['peak_rss_mib']:13,.0f} {v['peak_private_mib']:20,.0f}")
+    print("   per process (peak RSS MiB, role at the peak): " + ", ".join(
+        f"{pid}:{v['peak_rss_mib']:,.0f} {v['role_at_peak']}" for pid, v in sorted(
+            res["processes"].items(), key=lambda kv: -kv[1]["peak_rss_mib"])[:12]))
 
 
 def main() -> None:
@@ -237,6 +269,9 @@ def main() -> None:
     ap.add_argument("--num-gpus-per-actor", type=float, default=0.0)
     ap.add_argument("--num-cpus", type=int, default=psutil.cpu_count())
     ap.add_argument("--gdal-cache-mb", type=int, default=64)
+    ap.add_argument("--band-rows", type=int, action="append",
+                    help="rows per stitch band, repeatable (default 2048; 0 = one band per scene)")
+    ap.add_argument("--blend", default="cosine", help="cosine | linear | core (tiles pass on core class maps)")
     ap.add_argument("--no-polygons", action="store_true")
     ap.add_argument("--calibrated", action="store_true", help="a model whose prediction varies: many polygons")
     ap.add_argument("--sample-interval", type=float, default=0.2)
@@ -255,29 +290,17 @@ def main() -> None:
         checkpoint = pool.apply(make_checkpoint, (args.workdir, args.depth, args.base_width, args.calibrated))
     results = []
     for size in sizes:
-        res = run_one(args, size, checkpoint)
-        tiles_per_s = model_only(args, size, checkpoint)  # the same tiles' forward, preloaded, same cores
-        res["model_only_megapixels_per_s"] = res["megapixels"] / (res["num_tiles"] / tiles_per_s)
-        res["pipeline_over_model_only"] = res["megapixels_per_s"] / res["model_only_megapixels_per_s"]
-        results.append(res)
-        print(f"\n== {size:,} x {size:,} px, 4-band uint16: {res['megapixels']:,.0f} MP, {res['num_tiles']:,} tiles, "
-              f"{res['status']}, {res['num_polygons']:,} polygons", flush=True)
-        print(f"   wall {res['wall_s']:,.1f} s (last tile written at {res['tiles_done_s']:,.1f} s, stitch "
-              f"{res['stitch_s']:,.1f} s): "
-              f"{res['megapixels_per_s']:.2f} megapixels/s")
-        print(f"   model only (the same tiles, preloaded, {tiles_per_s:.2f} tiles/s): "
-              f"{res['model_only_megapixels_per_s']:.2f} megapixels/s; pipeline/model-only "
-              f"{res['pipeline_over_model_only']:.2f}")
-        print(f"   {'role':36s} {'procs':>5s} {'peak RSS MiB':>13s} {'peak RSS-shared MiB':>20s}")
-        for role, v in sorted(res["roles"].items()):
-            print(f"   {role:36s} {v['processes']:5d} {v['peak_rss_mib']:13,.0f} {v['peak_private_mib']:20,.0f}")
-        print("   per process (peak RSS MiB, role at the peak): " + ", ".join(
-            f"{pid}:{v['peak_rss_mib']:,.0f} {v['role_at_peak']}" for pid, v in sorted(
-                res["processes"].items(), key=lambda kv: -kv[1]["peak_rss_mib"])[:12]))
+        tiles_per_s = None
+        for band_rows in args.band_rows or [2048]:
+            res = run_one(args, size, checkpoint, band_rows)
+            if tiles_per_s is None:  # the same tiles' forward, preloaded, same cores
+                tiles_per_s = model_only(args, size, checkpoint)
+            report(res, tiles_per_s)
+            results.append(res)
         if not args.keep_scenes:
             Path(args.workdir / f"scene_{size}.tif").unlink(missing_ok=True)  # after model_only read it
-    if len(results) > 1:
-        a, b = results[0], results[-1]
+    if len(sizes) > 1:  # the smallest vs the largest scene, same band_rows
+        a, b = results[-1 - len(args.band_rows or [0]) * (len(sizes) - 1)], results[-1]
         print(f"\n{b['size']:,}² vs {a['size']:,}²: {b['megapixels'] / a['megapixels']:.0f}x pixels")
         for role in sorted(set(a["roles"]) & set(b["roles"])):
             ra, rb = a["roles"][role]["peak_rss_mib"], b["roles"][role]["peak_rss_mib"]
@@ -285,7 +308,7 @@ def main() -> None:
     out = args.workdir / "results.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {out}")
-    # last, so that runs compare by their last line: the largest scene's ratio
+    # last, so that runs compare by their last line: the largest scene's ratio (the last band_rows)
     print(f"scene pipeline/model-only: {results[-1]['pipeline_over_model_only']:.2f}")
 
 

@@ -125,7 +125,10 @@ class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     tile_size: int = Field(default=512, ge=32)
     overlap: int = Field(default=128, ge=0)
     margin: int = Field(default=32, ge=0, description="tile-edge pixels given ~0 weight (receptive-field radius)")
-    blend: Literal["cosine", "linear"] = "cosine"
+    blend: Literal["cosine", "linear", "core"] = Field(
+        default="cosine", description="cosine/linear: tiles' probabilities blended over the overlaps; core: each "
+        "pixel from the one tile whose core holds it, tiles passing on only their cores' class maps (under a byte "
+        "per pixel; exact when margin covers the receptive field)")
     tile_align: Optional[int] = Field(
         default=None, gt=0, description="tile offsets are multiples of this; None = the model's downsampling factor")
     block_size: int = Field(default=512, ge=128, description="output COG block = stitching block (multiple of 16)")
@@ -154,7 +157,10 @@ class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     # the actor pool (ActorPoolConfig), with its own batch default and task description
     batch_size: int = Field(default=8, gt=0, description="tiles per model batch")
     cpus_per_task: float = Field(default=0.5, gt=0, description="read, write and stitch tasks")
-    max_stitch_tasks: int = Field(default=2, gt=0, description="scenes stitched at once")
+    max_stitch_tasks: int = Field(default=2, gt=0, description="scenes assembled at once (COGs, polygons)")
+    band_rows: int = Field(
+        default=2048, ge=0, description="rows of a stitch band (rounded up to whole blocks): the bands of a scene "
+        "are stitched by parallel tasks, each as soon as its tiles are predicted; 0 = one band per scene")
     gdal_cache_mb: int = Field(
         default=64, gt=0, description="GDAL block cache per worker process (GDAL's default, 5% of RAM, grows "
         "with every block read or written until full)")

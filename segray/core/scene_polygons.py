@@ -72,8 +72,9 @@ class BlockPolygonizer:
     """
 
     def __init__(self, height: int, width: int, ignore: Sequence[int] = (0,), nodata: int | None = None,
-                 min_pixels: int = 0, max_vertices: int = 100_000, max_pending_vertices: int | None = None) -> None:
-        self.height, self.width = height, width
+                 min_pixels: int = 0, max_vertices: int = 100_000, max_pending_vertices: int | None = None,
+                 top: int = 0) -> None:
+        self.height, self.width, self.top = height, width, top
         self.ignore, self.nodata, self.min_pixels = tuple(ignore), nodata, min_pixels
         self.max_vertices = max_vertices
         self.max_pending_vertices = max_pending_vertices or 20 * max_vertices
@@ -84,6 +85,8 @@ class BlockPolygonizer:
         self._bottom = np.full(width, -1, np.int64)  # ... being collected for the current row
         self._left: np.ndarray | None = None  # piece ids along the right edge of the previous block
         self._cut: set[int] = set()  # ids emitted as parts: what joins them is a part too
+        self._cut_top: set[int] = set()  # ... of pieces on the band's top row
+        self._band_top = np.full(width, -1, np.int64)  # piece ids along the band's top row (top > 0)
         self.max_pending = 0  # most pieces held at once (memory check)
 
     def _find(self, i: int) -> int:
@@ -145,6 +148,8 @@ class BlockPolygonizer:
             self._join(self._left, edge[:, 0])
         if r0 > 0:
             self._join(self._top[c0 : c0 + w], edge[0, :])
+        if r0 == self.top > 0:
+            self._band_top[c0 : c0 + w] = edge[0, :]
         self._left = edge[:, -1]
         self._bottom[c0 : c0 + w] = edge[-1, :]
         self.max_pending = max(self.max_pending, len(self._pieces))
@@ -163,12 +168,13 @@ class BlockPolygonizer:
         def cut(members: list[int]) -> None:  # per-block pieces, undissolved, flagged
             done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in map(self._pieces.get, members))
             self._cut.update(i for i in members if self._pieces[i].geom.bounds[3] >= row_stop)
+            self._cut_top.update(i for i in members if self._on_top(self._pieces[i]))
             for i in members:
                 del self._pieces[i]
 
         for members in groups.values():
             pieces = [self._pieces[i] for i in members]
-            open_ = not last and any(p.geom.bounds[3] >= row_stop for p in pieces)
+            open_ = (not last and any(p.geom.bounds[3] >= row_stop for p in pieces)) or any(map(self._on_top, pieces))
             vertices = int(sum(shapely.get_num_coordinates(p.geom) for p in pieces))
             if len(pieces) > 1 and vertices > self.max_vertices:  # dissolving a web of holes costs minutes
                 cut(members)
@@ -194,6 +200,80 @@ class BlockPolygonizer:
 
     def finish(self) -> list[Piece]:
         return self.end_row(self.height)
+
+    def _on_top(self, piece: Piece) -> bool:
+        """Whether a piece reaches up to the top row of a band that is not the scene's first."""
+        return self.top > 0 and piece.geom.bounds[1] <= self.top
+
+    def band_edges(self) -> "BandEdges":
+        """After the band's last ``end_row``: the regions still open (they reach the band's top or
+        bottom border), each dissolved into one piece, and which region every pixel of the two
+        border rows belongs to, for ``merge_bands`` to join them with the neighbouring bands'."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in self._pieces:
+            groups[self._find(i)].append(i)
+        local = {root: k for k, root in enumerate(groups)}
+        pieces = []
+        for members in groups.values():
+            ps = [self._pieces[i] for i in members]
+            geom = ps[0].geom if len(ps) == 1 else shapely.union_all([p.geom for p in ps])
+            pieces.append(Piece(geom, ps[0].class_id, sum(p.pixels for p in ps), sum(p.score_sum for p in ps),
+                                all(p.whole for p in ps)))
+
+        def ids(edge: np.ndarray, cut: set[int]) -> np.ndarray:
+            return np.array([local[self._find(i)] if i in self._pieces else CUT if i in cut else -1
+                             for i in edge.tolist()], np.int64)
+
+        return BandEdges(pieces, ids(self._band_top, self._cut_top), ids(self._top, self._cut))
+
+
+CUT = -2  # a border pixel whose region was emitted as flagged parts (what joins it is a part too)
+
+
+@dataclass
+class BandEdges:
+    """A band's open regions (``pieces``) and, per column of its top and bottom rows, the index
+    of the region there (-1: none, ``CUT``: a region emitted in parts)."""
+
+    pieces: list[Piece]
+    top: np.ndarray
+    bottom: np.ndarray
+
+
+def merge_bands(bands: Sequence[BandEdges], max_vertices: int = 100_000, min_pixels: int = 0) -> list[Piece]:
+    """Join the open regions of row bands given top to bottom, as ``BlockPolygonizer`` joins block
+    rows (same class, 4-connected across each border), and dissolve each joined region once.
+    The result is what one polygonizer over the whole scene emits for these regions."""
+    offsets = np.cumsum([0] + [len(b.pieces) for b in bands])
+    pieces = [p for b in bands for p in b.pieces]
+    parent = list(range(len(pieces)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for k in range(len(bands) - 1):
+        above, below = bands[k].bottom, bands[k + 1].top
+        for i, j in set(zip(above.tolist(), below.tolist())):
+            if i == CUT and j >= 0 or j == CUT and i >= 0:
+                pieces[offsets[k + 1] + j if i == CUT else offsets[k] + i].whole = False
+            elif i >= 0 and j >= 0 and pieces[offsets[k] + i].class_id == pieces[offsets[k + 1] + j].class_id:
+                a, b = find(int(offsets[k] + i)), find(int(offsets[k + 1] + j))
+                parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[Piece]] = defaultdict(list)
+    for i, p in enumerate(pieces):
+        groups[find(i)].append(p)
+    out: list[Piece] = []
+    for ps in groups.values():
+        if len(ps) > 1 and sum(shapely.get_num_coordinates(p.geom) for p in ps) > max_vertices:
+            out.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in ps)
+            continue
+        geom = ps[0].geom if len(ps) == 1 else shapely.union_all([p.geom for p in ps])
+        out.append(Piece(geom, ps[0].class_id, sum(p.pixels for p in ps), sum(p.score_sum for p in ps),
+                         all(p.whole for p in ps)))
+    return [p for p in out if p.pixels >= min_pixels]
 
 
 # --------------------------------------------------------------------------- map coordinates, GeoParquet

@@ -31,6 +31,10 @@ class SceneFamily:
     instance_rasters: bool = False  # writes instances/<scene_id>.tif (when write_instances)
     no_probabilities: str | None = None  # why write_probabilities is refused (None: allowed)
     no_tta: str | None = None  # why tta (test-time augmentation) is refused (None: allowed)
+    # stitched in row bands instead (``scene_bands``): (task, band, storage) -> band result, and
+    # (task, storage, *band results) -> scene result; both never raise. None: one ``stitch`` per scene.
+    band: Callable[..., dict[str, Any]] | None = None
+    assemble: Callable[..., dict[str, Any]] | None = None
 
     def check(self, cfg: SceneInferJobConfig) -> None:
         """Refuse job settings the family cannot serve."""

@@ -78,8 +78,8 @@ def label_mismatch(label_url: str, height: int, width: int, transform, env: dict
     return None
 
 
-def blob_url(blob_dir: str, tile_index: int) -> str:
-    return join(blob_dir, f"{tile_index:07d}.npy")
+def blob_url(blob_dir: str, tile_index: int, ext: str = "npy") -> str:
+    return join(blob_dir, f"{tile_index:07d}.{ext}")
 
 
 def class_map(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

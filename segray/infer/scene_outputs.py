@@ -128,8 +128,10 @@ def write_polygons(plan: ScenesPlan, results: dict[str, dict[str, Any]]) -> None
         geoparquet_metadata(plan.polygon_crs if scenes else None, bbox, family.polygon_types))
     with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
         for sid in scenes:
-            if results.get(sid, {}).get("num_polygons"):
-                wfs, wpath = pyarrow_fs(plan.polygon_part(sid), cfg.storage)
+            if not results.get(sid, {}).get("num_polygons"):
+                continue
+            for url in results[sid].get("polygon_parts") or [plan.polygon_part(sid)]:  # bands' pieces, in order
+                wfs, wpath = pyarrow_fs(url, cfg.storage)
                 with wfs.open_input_file(wpath) as f:  # row group by row group: bounded memory
                     part = pq.ParquetFile(f)
                     for i in range(part.num_row_groups):

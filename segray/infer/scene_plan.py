@@ -82,6 +82,7 @@ class StitchSettings:
     label_nodata: int | None
     gdal_cache_mb: int | None
     merge_ios: float
+    band_rows: int
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class StitchTask:
     crs: str  # "" without a CRS
     transform: list[float]
     blob_dir: str
+    band_dir: str  # the pieces of its row bands (scene_bands)
     mask_url: str
     prob_url: str | None
     instance_url: str | None
@@ -202,7 +204,7 @@ class ScenesPlan:
             prob_dtype=cfg.probabilities_dtype, compress=cfg.compress, env=self.env, polygon_crs=self.polygon_crs,
             min_polygon_pixels=cfg.min_polygon_pixels, polygon_max_vertices=cfg.polygon_max_vertices,
             label_values=cfg.label_values, label_nodata=cfg.label_nodata, gdal_cache_mb=cfg.gdal_cache_mb,
-            merge_ios=cfg.merge_ios)
+            merge_ios=cfg.merge_ios, band_rows=cfg.band_rows)
 
     def stitch_task(self, s: PlannedScene, settings: StitchSettings) -> StitchTask:
         cfg, sid, info = self.cfg, s.scene_id, s.info
@@ -210,7 +212,7 @@ class ScenesPlan:
         return StitchTask(
             scene_id=sid, url=s.sample.image, label=s.sample.mask or "", height=info.height, width=info.width,
             vheight=s.vheight, vwidth=s.vwidth, crs=info.crs or "", transform=list(info.transform),
-            blob_dir=s.blob_dir, mask_url=scene_raster(cfg, MASKS, sid),
+            blob_dir=s.blob_dir, band_dir=join(self.work, "bands", sid), mask_url=scene_raster(cfg, MASKS, sid),
             prob_url=scene_raster(cfg, PROBABILITIES, sid) if cfg.write_probabilities else None,
             instance_url=scene_raster(cfg, INSTANCES, sid) if self.family.writes_instances(cfg) else None,
             polygons_url=self.polygon_part(sid) if poly else None, settings=settings)

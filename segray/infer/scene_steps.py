@@ -9,8 +9,10 @@ A scene is never held whole by any step:
    replaced by the band mean before normalisation, so they do not disturb their neighbours.
 3. ``write_tiles``: each tile's probabilities (NaN where the input is nodata) become one
    ``.npy`` blob in the work area; the row keeps only small per-tile statistics.
-4. ``stitch_scene`` (one task per scene, in ``scene_stitch``): blends the tile blobs block by
-   block into the scene's COGs, statistics and polygons.
+4. ``stitch_band`` (one task per row band, in ``scene_stitch``, submitted as soon as the band's
+   tiles are in): blends the tile blobs block by block into the band's pieces, statistics and
+   polygons; ``scene_bands.assemble`` (one task per scene) makes the COGs with GDAL and joins
+   the polygons across band borders.
 
 The tile grid (virtual extent, ``grid_tiles``, ``TileIndex``, blob names) is ``scene_grid``;
 its names are importable from here too. ``SEMANTIC_SCENES`` bundles steps 2-4 for the
@@ -20,7 +22,6 @@ steps 2-4 become ``scene_instances`` (per-tile detections, merged per scene acro
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -31,11 +32,13 @@ import torch
 from segray.config import SceneInferJobConfig, StorageOptions
 from segray.core.metrics import confusion_matrix, metric_num_classes
 from segray.core.scene_polygons import POLYGON_SCHEMA
-from segray.core.tiling import Window
+from segray.core.tiling import Tile, Window
 from segray.infer.scene_family import SceneFamily
 from segray.infer.scene_grid import blob_url, class_map, grid_tiles
-from segray.infer.scene_stitch import stitch_scene
+from segray.infer.scene_bands import assemble, stitch_scene
+from segray.infer.scene_stitch import stitch_band
 from segray.infer.steps import Predictor, same_shape_chunks
+from segray.infer.tile_blobs import tile_blobs
 from segray.io.fs import write_bytes
 from segray.io.raster import limit_gdal_cache, read_window, remap_labels
 
@@ -208,6 +211,23 @@ def tile_row(batch: dict[str, Any], i: int, status: str, error: str | None) -> d
             "transform": [a, b, a * tc + b * tr + c, d, e, d * tc + e * tr + f], "bounds": _bounds(transform, core)}
 
 
+def _core_stats(probs: np.ndarray, valid: np.ndarray, tile: Tile, k: int, label: str, label_values,
+                label_nodata, env) -> dict[str, Any]:
+    """A tile core's class counts, confidence and (with ground truth) confusion matrix."""
+    pred, conf = class_map(probs[(slice(None), *tile.core_slices)].astype(np.float32))
+    ok = valid[tile.core_slices]
+    counts = np.bincount(pred[ok], minlength=k)
+    stats = dict(valid_fraction=float(ok.mean()), class_pixels=counts.tolist(),
+                 class_fractions=(counts / max(counts.sum(), 1)).tolist(),
+                 mean_confidence=float(conf[ok].mean()) if ok.any() else None, confusion=None)
+    if label:
+        lab, lab_ok = read_window(label, tile.core, bands=[1], nodata=label_nodata, env=env)
+        keep = ok & lab_ok
+        cm = confusion_matrix(torch.from_numpy(pred[keep]), torch.from_numpy(remap_labels(lab[0][keep], label_values)), k)
+        stats["confusion"] = cm.flatten().tolist()
+    return stats
+
+
 def write_tiles(
     batch: dict[str, Any],
     num_classes: int,
@@ -217,19 +237,24 @@ def write_tiles(
     label_nodata: int | None = None,
     env: dict | None = None,
     gdal_cache_mb: int | None = None,
+    blend: str = "cosine",
+    probabilities: str | None = None,
 ) -> pa.Table:
-    """Probabilities -> one ``.npy`` blob per tile (NaN where nodata); rows of ``TILE_SCHEMA``.
+    """Probabilities -> one blob per tile (``tile_blobs``: the whole tile's probabilities, or its
+    core's class map when ``blend`` is "core"; ``probabilities``: the dtype they are written in,
+    None when not written); rows of ``TILE_SCHEMA``.
 
     With ``tile_stats``, each row also gets its core's class counts, confidence and, when the
     scene has ground truth, its confusion matrix (read windowed from the label raster).
     """
     limit_gdal_cache(gdal_cache_mb)
     k = metric_num_classes(num_classes)
+    blobs = tile_blobs({"blend": blend, "prob_url": probabilities is not None, "prob_dtype": probabilities})
     rows: dict[str, list] = {f.name: [] for f in TILE_SCHEMA}
     for i in range(len(batch["status"])):
         status, error = str(batch["status"][i]), str(batch["error"][i] or "")
         tile_index = int(batch["tile_index"][i])
-        url = blob_url(str(batch["blob_dir"][i]), tile_index)
+        url = blob_url(str(batch["blob_dir"][i]), tile_index, blobs.ext)
         r0, c0 = int(batch["core_row_off"][i]), int(batch["core_col_off"][i])
         ch, cw = int(batch["core_height"][i]), int(batch["core_width"][i])
         tr, tc = int(batch["row_off"][i]), int(batch["col_off"][i])
@@ -238,27 +263,13 @@ def write_tiles(
         has_gt = False
         if status == "ok":
             try:
-                probs = np.array(batch["probs"][i], dtype=np.float16)  # writable copy
-                valid = np.asarray(batch["valid"][i], bool)
-                probs[:, ~valid] = np.nan
-                buf = io.BytesIO()
-                np.save(buf, probs, allow_pickle=False)
-                write_bytes(url, buf.getvalue(), storage)
+                probs, valid = np.asarray(batch["probs"][i], np.float16), np.asarray(batch["valid"][i], bool)
+                place = Tile(tr, tc, int(batch["tile_height"][i]), int(batch["tile_width"][i]), r0, c0, ch, cw)
+                write_bytes(url, blobs.encode(probs, valid, place), storage)
                 if tile_stats and ch and cw:
-                    core = (slice(r0 - tr, r0 - tr + ch), slice(c0 - tc, c0 - tc + cw))
-                    pred, conf = class_map(probs[(slice(None), *core)].astype(np.float32))
-                    ok = valid[core]
-                    counts = np.bincount(pred[ok], minlength=k)
-                    stats.update(valid_fraction=float(ok.mean()), class_pixels=counts.tolist(),
-                                 class_fractions=(counts / max(counts.sum(), 1)).tolist(),
-                                 mean_confidence=float(conf[ok].mean()) if ok.any() else None)
-                    label = str(batch["label"][i] or "")
-                    if label:
-                        lab, lab_ok = read_window(label, (r0, c0, ch, cw), bands=[1], nodata=label_nodata, env=env)
-                        keep = ok & lab_ok
-                        cm = confusion_matrix(torch.from_numpy(pred[keep]),
-                                              torch.from_numpy(remap_labels(lab[0][keep], label_values)), k)
-                        stats["confusion"], has_gt = cm.flatten().tolist(), True
+                    stats.update(_core_stats(probs, valid, place, k, str(batch["label"][i] or ""), label_values,
+                                             label_nodata, env))
+                    has_gt = stats["confusion"] is not None
             except Exception as exc:
                 status, error = "error", f"write: {type(exc).__name__}: {exc}"
         for key, v in {**tile_row(batch, i, status, error), **stats}.items():
@@ -276,7 +287,8 @@ def write_tiles(
 def _write_kwargs(cfg: SceneInferJobConfig, ckpt, env: dict) -> dict[str, Any]:
     return {"num_classes": ckpt.num_classes, "storage": cfg.storage,
             "tile_stats": cfg.per_tile_rows, "label_values": cfg.label_values, "label_nodata": cfg.label_nodata,
-            "env": env, "gdal_cache_mb": cfg.gdal_cache_mb}
+            "env": env, "gdal_cache_mb": cfg.gdal_cache_mb, "blend": cfg.blend,
+            "probabilities": cfg.probabilities_dtype if cfg.write_probabilities else None}
 
 
 SEMANTIC_SCENES = SceneFamily(
@@ -286,6 +298,8 @@ SEMANTIC_SCENES = SceneFamily(
     write_tiles=write_tiles,
     write_kwargs=_write_kwargs,
     stitch=stitch_scene,
+    band=stitch_band,
+    assemble=assemble,
     polygon_schema=POLYGON_SCHEMA,
     polygon_types=("Polygon",),
 )

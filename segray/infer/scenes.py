@@ -6,9 +6,12 @@ Data flow (steps in ``scene_steps``):
     driver: list scenes, read headers only (rasterio ``open_info``) -> chunk rows (scene, tile range)
     Ray Data: read_tiles (CPU tasks, windowed reads) -> TileProbabilities (actor pool, CPU/GPU)
               -> write_tiles (CPU tasks: per-tile float16 blobs + small rows)
-    driver: streams the small tile rows; when a scene's last tile is in, submits stitch_scene
-    stitch_scene (one CPU task per scene): block-wise blend -> COG mask (+ probabilities),
-              class counts, metrics, polygons
+    driver: streams the small tile rows; a row band's stitch task goes out as soon as every tile
+            its blocks blend is in, the scene's assemble task when its last tile is in
+    stitch_band (CPU tasks, many per scene, in parallel with prediction): block-wise blend ->
+              the band's class map (+ probabilities) pieces, class counts, metrics, polygons
+    assemble (one CPU task per scene): GDAL mosaics the pieces into COGs (overviews, compression
+              on every core); polygons crossing band borders are joined (``scene_bands``)
     driver: scenes.parquet, tiles.parquet (optional), polygons.parquet (GeoParquet), summary.parquet
 
 The stages are wired once; the checkpoint's family (``families.family_of(checkpoint).scenes``, a
@@ -46,7 +49,16 @@ from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
 from segray.infer.scene_layout import SCENE_SCHEMA, TILES, target
 from segray.infer.scene_outputs import summarize, summary_rows, write_outputs
-from segray.infer.scene_plan import PlannedScene, SceneTally, ScenesPlan, TileRun, plan_scenes, record_finished
+from segray.infer.scene_bands import BandTiles
+from segray.infer.scene_plan import (
+    PlannedScene,
+    SceneTally,
+    ScenesPlan,
+    StitchSettings,
+    TileRun,
+    plan_scenes,
+    record_finished,
+)
 from segray.infer.scene_steps import TILE_SCHEMA, read_tiles
 from segray.io.fs import join
 from segray.runtime import model_runtime_env, start_ray
@@ -67,30 +79,90 @@ def run_scenes(cfg: SceneInferJobConfig, on_progress: Callable[[str], None] | No
     return write_outputs(plan, run, t_start)
 
 
+class _WholeScenes:
+    """One ``stitch`` task per scene, once its last tile is in (a family without bands)."""
+
+    def __init__(self, plan: ScenesPlan, settings: StitchSettings) -> None:
+        self.plan, self.settings, self.fn = plan, settings, plan.family.stitch
+
+    def tile_in(self, scene: PlannedScene, tile_index: int) -> None:
+        pass
+
+    def args(self, scene: PlannedScene) -> tuple:
+        return self.plan.stitch_task(scene, self.settings).to_dict(), self.plan.cfg.storage
+
+    def drop(self, scene_id: str) -> None:
+        pass
+
+
+class _Bands:
+    """A band task the moment every tile its blocks blend is in (``scene_bands.BandTiles``), then
+    the scene's ``assemble`` task, given the band results, once its last tile is in. The driver
+    holds a few counters per band and the band results' references, never their contents."""
+
+    def __init__(self, plan: ScenesPlan, settings: StitchSettings) -> None:
+        import ray
+
+        self.plan, self.settings, self.fn = plan, settings, plan.family.assemble
+        # retried when the worker dies: a band rewrites only its own pieces (scene_bands)
+        self.band = ray.remote(plan.family.band).options(num_cpus=plan.cfg.cpus_per_task, max_retries=3)
+        self.scenes: dict[str, tuple[dict, BandTiles, list[int], list]] = {}  # task, bands, tiles to come, refs
+
+    def tile_in(self, scene: PlannedScene, tile_index: int) -> None:
+        sid = scene.scene_id
+        if sid not in self.scenes:
+            task = self.plan.stitch_task(scene, self.settings).to_dict()
+            bands = BandTiles(task)
+            self.scenes[sid] = (task, bands, list(bands.needs), [None] * len(bands.rows))
+        task, bands, left, refs = self.scenes[sid]
+        for k in bands.bands_of(tile_index):
+            left[k] -= 1
+            if left[k] == 0:
+                refs[k] = self.band.remote(task, k, self.plan.cfg.storage)
+
+    def args(self, scene: PlannedScene) -> tuple:
+        task, _, _, refs = self.scenes.pop(scene.scene_id)
+        return task, self.plan.cfg.storage, *refs
+
+    def drop(self, scene_id: str) -> None:
+        import ray
+
+        for ref in self.scenes.pop(scene_id, (None, None, None, []))[3]:
+            if ref is not None:
+                ray.cancel(ref)
+
+
 class StitchQueue:
-    """Stitch (or merge) tasks, one per scene once its last tile is in; at most ``max_stitch_tasks`` in flight."""
+    """A scene's stitch tasks as its tiles come in: row bands and an ``assemble`` task for a family
+    that stitches in bands (``SceneFamily.band``), else one ``stitch`` task once its last tile is
+    in. At most ``max_stitch_tasks`` scene tasks in flight."""
 
     def __init__(self, plan: ScenesPlan, on_progress: Callable[[str], None] | None) -> None:
         import ray
 
         self.plan, self.on_progress, self.limit = plan, on_progress, plan.cfg.max_stitch_tasks
-        self.remote = ray.remote(plan.family.stitch).options(num_cpus=plan.cfg.cpus_per_task, max_retries=1)
-        self.settings = plan.stitch_settings()
-        self.pending: dict[Any, str] = {}  # stitch future -> scene id
+        settings = plan.stitch_settings()
+        self.scheme = (_Bands if plan.family.band else _WholeScenes)(plan, settings)
+        self.remote = ray.remote(self.scheme.fn).options(num_cpus=plan.cfg.cpus_per_task, max_retries=3)
+        self.pending: dict[Any, str] = {}  # scene task future -> scene id
         self.results: dict[str, dict[str, Any]] = {sid: r["result"] for sid, r in plan.finished.items()}
         self.tile_ms: dict[str, float] = {}
+
+    def tile_in(self, scene: PlannedScene, tally: SceneTally, tile_index: int) -> None:
+        if not tally.errors:
+            self.scheme.tile_in(scene, tile_index)
 
     def submit(self, scene: PlannedScene, tally: SceneTally) -> None:
         sid = scene.scene_id
         if tally.errors:
+            self.scheme.drop(sid)
             self.results[sid] = {"status": "error",
                                  "error": f"{len(tally.errors)} of {tally.num_tiles} tiles failed: {tally.errors[0]}"}
             return
         while len(self.pending) >= self.limit:
             self.collect(block=False)
         self.tile_ms[sid] = tally.tile_ms
-        task = self.plan.stitch_task(scene, self.settings).to_dict()
-        self.pending[self.remote.remote(task, self.plan.cfg.storage)] = sid
+        self.pending[self.remote.remote(*self.scheme.args(scene))] = sid
 
     def collect(self, block: bool) -> None:
         """Results of finished tasks: one (``block=False``, only when at the limit) or all (``block=True``)."""
@@ -136,7 +208,7 @@ def stream_tiles(plan: ScenesPlan, t_start: float, on_progress: Callable[[str], 
                 if tile_writer is not None:
                     tile_writer.write_table(batch.cast(TILE_SCHEMA))
                 num_tiles += batch.num_rows
-                for sid in _count_tiles(batch, tallies):
+                for sid in _count_tiles(batch, tallies, plan, queue):
                     queue.submit(plan.scenes[sid], tallies[sid])
         tiles_wall = time.perf_counter() - t_start
         queue.collect(block=True)
@@ -146,16 +218,18 @@ def stream_tiles(plan: ScenesPlan, t_start: float, on_progress: Callable[[str], 
     return TileRun(queue.results, tallies, num_tiles, tiles_wall)
 
 
-def _count_tiles(batch, tallies: dict[str, SceneTally]) -> list[str]:
-    """Adds a batch of tile rows to their scenes' tallies; returns the scenes now complete."""
+def _count_tiles(batch, tallies: dict[str, SceneTally], plan: ScenesPlan, queue: StitchQueue) -> list[str]:
+    """Adds a batch of tile rows to their scenes' tallies (and to the queue, tile by tile);
+    returns the scenes now complete."""
     complete = []
-    cols = batch.select(["scene_id", "status", "error", "read_ms", "predict_ms"]).to_pydict()
-    for sid, status, error, rms, pms in zip(*cols.values()):
+    cols = batch.select(["scene_id", "tile_index", "status", "error", "read_ms", "predict_ms"]).to_pydict()
+    for sid, index, status, error, rms, pms in zip(*cols.values()):
         t = tallies[sid]
         t.done += 1
         t.tile_ms += rms + pms
         if status != "ok":
             t.errors.append(error or "tile failed")
+        queue.tile_in(plan.scenes[sid], t, index)
         if t.done == t.num_tiles:
             complete.append(sid)
     return complete

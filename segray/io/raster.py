@@ -257,7 +257,8 @@ class CogBlockWriter:
 
     Block-aligned windows (``tiling.blocks(height, width, blocksize)``) are each compressed
     once. On a clean exit the file is copied with the COG driver to ``url`` (local or
-    ``s3://``, written through /vsis3/); on an exception nothing is written.
+    ``s3://``, written through /vsis3/); on an exception nothing is written. ``cog=False``
+    copies the tiled GTiff as it is (a piece of a scene, assembled later by ``mosaic_cog``).
     """
 
     def __init__(
@@ -276,6 +277,7 @@ class CogBlockWriter:
         resampling: str = "nearest",
         env: dict[str, Any] | None = None,
         tmp_dir: str | None = None,
+        cog: bool = True,
     ) -> None:
         _check_blocksize(blocksize)  # before hours of writing, not at the final copy
         self.url, self.count, self.dtype = url, count, np.dtype(dtype)
@@ -285,7 +287,7 @@ class CogBlockWriter:
             transform=Affine(*tuple(transform)[:6]), nodata=nodata, tiled=True, blockxsize=blocksize,
             blockysize=blocksize, compress="deflate", zlevel=1, bigtiff="IF_SAFER",
         )  # fmt: skip
-        self._tmp_dir = tmp_dir
+        self._tmp_dir, self._as_cog = tmp_dir, cog
 
     def __enter__(self) -> CogBlockWriter:
         self._tmp = tempfile.TemporaryDirectory(prefix="segray-cog-", dir=self._tmp_dir)
@@ -304,10 +306,45 @@ class CogBlockWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._ds.close()
-            if exc_type is None:
+            if exc_type is None and self._as_cog:
                 _copy_cog(self._path, self.url, **self._cog)
+            elif exc_type is None:  # the file as it is: no decode, no second compression
+                with _env(self.url, self._cog["env"]):
+                    rasterio.shutil.copyfiles(self._path, gdal_path(self.url))
+                close_datasets(self.url)
         finally:
             self._tmp.cleanup()
+
+
+_GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
+               "float32": "Float32", "float64": "Float64"}
+
+
+def mosaic_cog(url: str, pieces: list[tuple[str, int]], height: int, width: int, count: int, dtype: str,
+               crs: str | None, transform, nodata: float | None = None, blocksize: int = 512,
+               compress: str = "deflate", resampling: str = "nearest", env: dict[str, Any] | None = None) -> None:
+    """One COG at ``url`` from row pieces ``(piece url, row offset)`` that tile a ``height x width``
+    raster top to bottom (each piece full width): GDAL reads them through a VRT and writes the
+    COG with its overviews, compressing on every core. No pixel passes through Python."""
+    from xml.sax.saxutils import escape
+
+    a, b, c, d, e, f = tuple(transform)[:6]
+    head = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+            f"<SRS>{escape(CRS.from_user_input(crs).to_wkt())}</SRS>" if crs else "",
+            f"<GeoTransform>{c!r}, {a!r}, {b!r}, {f!r}, {d!r}, {e!r}</GeoTransform>"]
+    stops = [r for _, r in pieces[1:]] + [height]
+    bands = []
+    for i in range(1, count + 1):
+        xml = [f'<VRTRasterBand dataType="{_GDAL_TYPES[np.dtype(dtype).name]}" band="{i}">']
+        if nodata is not None:
+            xml.append(f"<NoDataValue>{float(nodata)!r}</NoDataValue>")
+        for (piece, row), stop in zip(pieces, stops):
+            xml += [f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(gdal_path(piece))}</SourceFilename>',
+                    f'<SourceBand>{i}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{stop - row}"/>',
+                    f'<DstRect xOff="0" yOff="{row}" xSize="{width}" ySize="{stop - row}"/></SimpleSource>']
+        bands.append("".join(xml + ["</VRTRasterBand>"]))
+    vrt = "".join(head + bands + ["</VRTDataset>"])
+    _copy_cog(vrt, url, blocksize, compress, True, resampling, env)
 
 
 def limit_gdal_cache(mb: int | None) -> None:

@@ -1,0 +1,111 @@
+"""A semantic scene stitched in row bands: which tiles each band needs (``BandTiles``, so the
+driver submits a band the moment they are predicted), and ``assemble``, the scene's last step:
+GDAL turns the bands' pieces into the COGs (``raster.mosaic_cog``), the regions crossing band
+borders are joined and dissolved (``scene_polygons.merge_bands``), statistics are added up.
+
+Each band's pieces have one name per band (``scene_stitch.piece_url``): a band task that dies
+and is retried rewrites its own pieces, and ``assemble`` reads exactly one result per band, so
+a retry never duplicates a block or a polygon. ``stitch_scene`` runs the same steps in one
+process (tests, small scenes).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from segray.config import StorageOptions
+from segray.core.scene_polygons import merge_bands
+from segray.infer.scene_grid import MASK_NODATA, PROB_NODATA_U8, ensure_parent, grid_tiles
+from segray.infer.scene_stitch import PolygonSink, band_rows, piece_url, scene_stats, stitch_band
+from segray.io.raster import limit_gdal_cache, mosaic_cog
+
+
+class BandTiles:
+    """For one scene: its row bands, how many tiles each needs, and the bands a tile feeds."""
+
+    def __init__(self, task: dict[str, Any]) -> None:
+        self.rows = band_rows(int(task["height"]), int(task.get("band_rows", 0)), int(task["block_size"]))
+        tiles = grid_tiles(int(task["vheight"]), int(task["vwidth"]), int(task["tile_size"]), int(task["overlap"]))
+        self._tile_rows = [(t.row_off, t.row_off + t.height) for t in tiles]
+        self.needs = [0] * len(self.rows)
+        for r0, r1 in self._tile_rows:
+            for k in self._bands(r0, r1):
+                self.needs[k] += 1
+
+    def _bands(self, r0: int, r1: int) -> range:
+        step = self.rows[0][1] - self.rows[0][0]
+        return range(min(r0 // step, len(self.rows)), min(-(-r1 // step), len(self.rows)))
+
+    def bands_of(self, tile_index: int) -> range:
+        """The bands whose blocks blend this tile (its rows overlap theirs)."""
+        return self._bands(*self._tile_rows[tile_index])
+
+
+def assemble(task: dict[str, Any], storage: StorageOptions | None = None, *bands: dict[str, Any]) -> dict[str, Any]:
+    """The scene's outputs from its bands' results, in band order; never raises."""
+    t0 = time.perf_counter()
+    limit_gdal_cache(task.get("gdal_cache_mb"))
+    result: dict[str, Any] = {"scene_id": task["scene_id"], "status": "ok", "error": None, "num_polygons": 0,
+                              "polygon_bbox": None, "tile_loads": 0, "max_pending_polygons": 0,
+                              "num_bands": len(bands)}
+    try:
+        failed = [b for b in bands if b["status"] != "ok"]
+        if failed:
+            raise RuntimeError(f"band {failed[0]['band']}: {failed[0]['error']}")
+        result.update(_assemble(task, list(bands), storage))
+    except Exception as exc:  # the scene becomes an error row; the commit never lists it
+        result.update(status="error", error=str(exc) if str(exc).startswith("band ") else
+                      f"stitch: {type(exc).__name__}: {exc}")
+    result["assemble_s"] = time.perf_counter() - t0
+    result["stitch_s"] = result["assemble_s"] + sum(b.get("stitch_s", 0.0) for b in bands)  # CPU-seconds
+    return result
+
+
+def _assemble(task: dict[str, Any], bands: list[dict[str, Any]], storage: StorageOptions | None) -> dict[str, Any]:
+    h, w = int(task["height"]), int(task["width"])
+    rows = band_rows(h, int(task.get("band_rows", 0)), int(task["block_size"]))
+    if len(rows) != len(bands):
+        raise RuntimeError(f"{len(bands)} band results for {len(rows)} bands")
+    for url in (task["mask_url"], task.get("prob_url")):
+        if url:
+            ensure_parent(url)
+    cog = dict(height=h, width=w, crs=task["crs"] or None, transform=task["transform"],
+               blocksize=int(task["block_size"]), compress=task.get("compress", "deflate"), env=task.get("env"))
+    mosaic_cog(task["mask_url"], [(piece_url(task, "mask", k), r0) for k, (r0, _) in enumerate(rows)], count=1,
+               dtype="uint8", nodata=MASK_NODATA, resampling="nearest", **cog)
+    if task.get("prob_url"):
+        u8 = task.get("prob_dtype", "uint8") == "uint8"
+        mosaic_cog(task["prob_url"], [(piece_url(task, "prob", k), r0) for k, (r0, _) in enumerate(rows)],
+                   count=int(task["num_classes"]), dtype="uint8" if u8 else "float32",
+                   nodata=PROB_NODATA_U8 if u8 else float("nan"), resampling="average", **cog)
+    out = {**scene_stats(bands), "tile_loads": sum(b["tile_loads"] for b in bands),
+           "num_tiles": bands[0].get("num_tiles")}
+    if task.get("polygons_url"):
+        out.update(_join_polygons(task, bands, storage))
+    return out
+
+
+def _join_polygons(task: dict[str, Any], bands: list[dict[str, Any]], storage) -> dict[str, Any]:
+    """Regions open at band borders, joined and written as one more piece; the scene's polygons
+    are the bands' pieces plus that one (``polygon_parts``, read in order by the driver)."""
+    joined = merge_bands([b["edges"] for b in bands], int(task.get("polygon_max_vertices", 100_000)),
+                         int(task.get("min_polygon_pixels", 0)))
+    sink = PolygonSink(task, piece_url(task, "polygons", len(bands), "parquet"), storage)
+    with sink:
+        sink.add(joined)
+    parts = [(b["polygons_url"], b["num_polygons"], b["polygon_bbox"]) for b in bands]
+    parts.append((sink.url, sink.count, sink.bbox))
+    boxes = np.array([bb for _, n, bb in parts if n], np.float64).reshape(-1, 4)
+    bbox = [*boxes[:, :2].min(axis=0).tolist(), *boxes[:, 2:].max(axis=0).tolist()] if len(boxes) else None
+    return {"num_polygons": sum(n for _, n, _ in parts), "polygon_bbox": bbox,
+            "polygon_parts": [url for url, n, _ in parts if n],
+            "max_pending_polygons": max(b["max_pending_polygons"] for b in bands)}
+
+
+def stitch_scene(task: dict[str, Any], storage: StorageOptions | None = None) -> dict[str, Any]:
+    """Every band of a scene, then ``assemble``, in this process (what the tasks do on Ray)."""
+    rows = band_rows(int(task["height"]), int(task.get("band_rows", 0)), int(task["block_size"]))
+    return assemble(task, storage, *(stitch_band(task, k, storage) for k in range(len(rows))))

@@ -4,7 +4,7 @@
 #      an smp U-Net/ResNet-18 and Mask R-CNN, fp32 vs mixed precision;
 #   2. U-Net image pipeline vs model-only vs plain loop (infer_throughput.py, one actor per GPU);
 #   3. Mask R-CNN pipeline vs model-only (maskrcnn_throughput.py);
-#   4. one 8,000² scene through segment-scenes on the GPU (scene_memory.py).
+#   4. one 8,000² scene through segment-scenes on the GPU (scene_memory.py; blend: core, row bands).
 # Steps 2-4 need Ray; where `import ray` fails they are skipped with a line saying so, and
 # step 1 still runs. Each step has its own time limit; a step that fails or times out is
 # reported and the next one runs. Figures are printed, never asserted; copy them into
@@ -48,7 +48,7 @@ if "$PY" -c "import ray" 2>/dev/null; then
   step maskrcnn-pipeline "$L3" "$PY" benchmarks/maskrcnn_throughput.py --device "$DEVICE" "${MRCNN[@]}" \
     --workdir "$OUT/maskrcnn"
   step scene "$L4" "$PY" benchmarks/scene_memory.py "${SCENE[@]}" --num-gpus-per-actor "$GPUS" \
-    --num-actors 1 --workdir "$OUT/scene"
+    --num-actors 1 --blend core --workdir "$OUT/scene"
 else
   echo "== Ray is not importable here: the pipeline steps (U-Net, Mask R-CNN, scene) are skipped"
 fi

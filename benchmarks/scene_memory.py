@@ -18,6 +18,8 @@ compare by it.
     python benchmarks/scene_memory.py --size 5000                 # ~ minutes on 2 CPU cores
     python benchmarks/scene_memory.py --size 5000 --size 20000    # the 20,000² scene: 3.2 GB raw
     python benchmarks/scene_memory.py --size 20000 --num-gpus-per-actor 1 --batch-size 16   # on GPUs
+    python benchmarks/scene_memory.py --size 20000 --band-rows 0 --band-rows 2048  # one band vs bands
+    python benchmarks/scene_memory.py --size 5000 --scenes 4 --blend core          # 4 scenes in flight
 
 RSS counts the pages of Ray's shared-memory object store a process has touched; the
 "private" column (RSS - shared) is what the process itself holds. Nothing here asserts.
@@ -202,6 +204,15 @@ def run_one(args, size: int, checkpoint: str, band_rows: int) -> dict:
     from segray.infer.scenes import run_scenes
 
     scene = make_scene(args.workdir, size)
+    if args.scenes > 1:  # the same COG under several names: that many scenes in flight at once
+        folder = args.workdir / f"scenes_{size}_x{args.scenes}"
+        folder.mkdir(exist_ok=True)
+        for i in range(args.scenes):
+            link = folder / f"scene_{i}.tif"
+            if not link.exists():
+                link.symlink_to(Path(scene).resolve())
+        scene = str(folder / "*.tif")
+    pixels = args.scenes * size * size
     out = args.workdir / f"out_{size}"
     cfg = SceneInferJobConfig(
         source=SourceConfig(glob=scene), checkpoint=checkpoint, output=str(out), tile_size=args.tile_size,
@@ -222,10 +233,10 @@ def run_one(args, size: int, checkpoint: str, band_rows: int) -> dict:
     blobs = _folder_bytes(out / "_work" / "tiles")
     shutil.rmtree(out, ignore_errors=True)
     return {
-        "size": size, "band_rows": band_rows, "blend": args.blend, "intermediate_bytes_per_px": blobs / (size * size),
-        "megapixels": size * size / 1e6, "wall_s": wall, "tiles_done_s": summary["tiles_done_s"],
+        "size": size, "band_rows": band_rows, "blend": args.blend, "intermediate_bytes_per_px": blobs / pixels,
+        "scenes": args.scenes, "megapixels": pixels / 1e6, "wall_s": wall, "tiles_done_s": summary["tiles_done_s"],
         "stitch_s": summary["stitch_s"],
-        "megapixels_per_s": size * size / 1e6 / wall, "num_tiles": summary["num_tiles"],
+        "megapixels_per_s": pixels / 1e6 / wall, "num_tiles": summary["num_tiles"],
         "num_polygons": summary["num_polygons"], "status": f"{summary['num_ok']} ok / {summary['num_error']} error",
         "roles": {r: {"peak_rss_mib": v["rss"] / 2**20, "peak_private_mib": v["private"] / 2**20,
                       "processes": len(v["pids"])} for r, v in sampler.by_role.items()},
@@ -238,7 +249,7 @@ def run_one(args, size: int, checkpoint: str, band_rows: int) -> dict:
 def report(res: dict, tiles_per_s: float) -> None:
     res["model_only_megapixels_per_s"] = res["megapixels"] / (res["num_tiles"] / tiles_per_s)
     res["pipeline_over_model_only"] = res["megapixels_per_s"] / res["model_only_megapixels_per_s"]
-    print(f"\n== {res['size']:,} x {res['size']:,} px, 4-band uint16: {res['megapixels']:,.0f} MP, "
+    print(f"\n== {res['scenes']} x {res['size']:,} x {res['size']:,} px, 4-band uint16: {res['megapixels']:,.0f} MP, "
           f"{res['num_tiles']:,} tiles, band_rows {res['band_rows']}, blend {res['blend']}, {res['status']}, "
           f"{res['num_polygons']:,} polygons", flush=True)
     print(f"   wall {res['wall_s']:,.1f} s (last tile written at {res['tiles_done_s']:,.1f} s, stitch "
@@ -271,6 +282,7 @@ def main() -> None:
     ap.add_argument("--gdal-cache-mb", type=int, default=64)
     ap.add_argument("--band-rows", type=int, action="append",
                     help="rows per stitch band, repeatable (default 2048; 0 = one band per scene)")
+    ap.add_argument("--scenes", type=int, default=1, help="scenes of each size in one run (in flight together)")
     ap.add_argument("--blend", default="cosine", help="cosine | linear | core (tiles pass on core class maps)")
     ap.add_argument("--no-polygons", action="store_true")
     ap.add_argument("--calibrated", action="store_true", help="a model whose prediction varies: many polygons")

@@ -181,9 +181,7 @@ class BlockPolygonizer:
             elif open_:
                 staying.append((vertices, members))
             else:
-                geom = pieces[0].geom if len(pieces) == 1 else shapely.union_all([p.geom for p in pieces])
-                done.append(Piece(geom, pieces[0].class_id, sum(p.pixels for p in pieces),
-                                  sum(p.score_sum for p in pieces), all(p.whole for p in pieces)))
+                done.append(_dissolve(pieces))
                 for i in members:
                     del self._pieces[i]
         held = sum(v for v, _ in staying)
@@ -207,73 +205,112 @@ class BlockPolygonizer:
 
     def band_edges(self) -> "BandEdges":
         """After the band's last ``end_row``: the regions still open (they reach the band's top or
-        bottom border), each dissolved into one piece, and which region every pixel of the two
+        bottom border) as their block pieces, undissolved, and which region every pixel of the two
         border rows belongs to, for ``merge_bands`` to join them with the neighbouring bands'."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i in self._pieces:
             groups[self._find(i)].append(i)
         local = {root: k for k, root in enumerate(groups)}
-        pieces = []
-        for members in groups.values():
-            ps = [self._pieces[i] for i in members]
-            geom = ps[0].geom if len(ps) == 1 else shapely.union_all([p.geom for p in ps])
-            pieces.append(Piece(geom, ps[0].class_id, sum(p.pixels for p in ps), sum(p.score_sum for p in ps),
-                                all(p.whole for p in ps)))
+        regions = [[self._pieces[i] for i in members] for members in groups.values()]
 
         def ids(edge: np.ndarray, cut: set[int]) -> np.ndarray:
             return np.array([local[self._find(i)] if i in self._pieces else CUT if i in cut else -1
                              for i in edge.tolist()], np.int64)
 
-        return BandEdges(pieces, ids(self._band_top, self._cut_top), ids(self._top, self._cut))
+        return BandEdges(regions, ids(self._band_top, self._cut_top), ids(self._top, self._cut))
 
 
-CUT = -2  # a border pixel whose region was emitted as flagged parts (what joins it is a part too)
+CUT = -2  # border id of a region emitted as flagged parts (what joins it is a part too); -1: none
 
 
 @dataclass
 class BandEdges:
-    """A band's open regions (``pieces``) and, per column of its top and bottom rows, the index
-    of the region there (-1: none, ``CUT``: a region emitted in parts)."""
+    """A band's open regions (block pieces) and their index per column of its top and bottom rows."""
 
-    pieces: list[Piece]
+    regions: list[list[Piece]]
     top: np.ndarray
     bottom: np.ndarray
 
 
+class BandMerger:
+    """Joins the open regions of row bands fed top to bottom (``add``), as ``BlockPolygonizer``
+    joins block rows: same class, 4-connected across each border, each joined region dissolved
+    once when it can grow no further, or emitted as its block pieces flagged ``whole=False`` past
+    ``max_vertices``. Only the regions open at the current border are held, at most
+    ``max_pending_vertices`` vertices of them (the largest are emitted in parts past that). For
+    regions under the budgets, the result is what one polygonizer over the whole scene emits."""
+
+    def __init__(self, max_vertices: int = 100_000, min_pixels: int = 0,
+                 max_pending_vertices: int | None = None) -> None:
+        self.max_vertices, self.min_pixels = max_vertices, min_pixels
+        self.max_pending_vertices = max_pending_vertices or 20 * max_vertices
+        self._open: list[list[Piece]] = []  # regions reaching the last band's bottom row
+        self._bottom: np.ndarray | None = None  # their index per column of that row (-1, CUT)
+
+    def add(self, band: BandEdges) -> list[Piece]:
+        """The next band's open regions; returns the regions now complete."""
+        regions, n = self._open + band.regions, len(self._open)
+        parent = list(range(len(regions)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        if self._bottom is not None:
+            for i, j in set(zip(self._bottom.tolist(), band.top.tolist())):
+                if i == CUT and j >= 0 or j == CUT and i >= 0:  # what joins a region cut in parts is a part too
+                    for p in regions[n + j if i == CUT else i]:
+                        p.whole = False
+                elif i >= 0 and j >= 0 and regions[i][0].class_id == regions[n + j][0].class_id:
+                    a, b = find(i), find(n + j)
+                    parent[max(a, b)] = min(a, b)
+        groups: dict[int, list[Piece]] = defaultdict(list)
+        for i, region in enumerate(regions):
+            groups[find(i)].extend(region)
+        below = {find(n + j) for j in set(band.bottom.tolist()) if j >= 0}  # groups reaching the next band
+        done: list[Piece] = []
+        staying: list[tuple[int, int]] = []  # (vertices, root)
+        for root, ps in groups.items():
+            vertices = int(sum(shapely.get_num_coordinates(p.geom) for p in ps))
+            if len(ps) > 1 and vertices > self.max_vertices:
+                done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in ps)
+            elif root in below:
+                staying.append((vertices, root))
+            else:
+                done.append(_dissolve(ps))
+        held, cut = sum(v for v, _ in staying), set()
+        for vertices, root in sorted(staying, key=lambda vr: -vr[0]):  # largest first
+            if held <= self.max_pending_vertices:
+                break
+            done.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in groups[root])
+            cut.add(root)
+            held -= vertices
+        keep = [root for _, root in staying if root not in cut]
+        index = {root: k for k, root in enumerate(keep)}  # a group cut in parts is CUT along the border
+        self._open = [groups[root] for root in keep]
+        self._bottom = np.array([index.get(find(n + j), CUT) if j >= 0 else (CUT if j == CUT else -1)
+                                 for j in band.bottom.tolist()], np.int64)
+        return [p for p in done if p.pixels >= self.min_pixels]
+
+    def finish(self) -> list[Piece]:
+        """The regions still open after the last band (none, when its bottom is the scene's)."""
+        done = [_dissolve(ps) for ps in self._open]
+        self._open, self._bottom = [], None
+        return [p for p in done if p.pixels >= self.min_pixels]
+
+
+def _dissolve(ps: list[Piece]) -> Piece:
+    geom = ps[0].geom if len(ps) == 1 else shapely.union_all([p.geom for p in ps])
+    return Piece(geom, ps[0].class_id, sum(p.pixels for p in ps), sum(p.score_sum for p in ps),
+                 all(p.whole for p in ps))
+
+
 def merge_bands(bands: Sequence[BandEdges], max_vertices: int = 100_000, min_pixels: int = 0) -> list[Piece]:
-    """Join the open regions of row bands given top to bottom, as ``BlockPolygonizer`` joins block
-    rows (same class, 4-connected across each border), and dissolve each joined region once.
-    The result is what one polygonizer over the whole scene emits for these regions."""
-    offsets = np.cumsum([0] + [len(b.pieces) for b in bands])
-    pieces = [p for b in bands for p in b.pieces]
-    parent = list(range(len(pieces)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for k in range(len(bands) - 1):
-        above, below = bands[k].bottom, bands[k + 1].top
-        for i, j in set(zip(above.tolist(), below.tolist())):
-            if i == CUT and j >= 0 or j == CUT and i >= 0:
-                pieces[offsets[k + 1] + j if i == CUT else offsets[k] + i].whole = False
-            elif i >= 0 and j >= 0 and pieces[offsets[k] + i].class_id == pieces[offsets[k + 1] + j].class_id:
-                a, b = find(int(offsets[k] + i)), find(int(offsets[k + 1] + j))
-                parent[max(a, b)] = min(a, b)
-    groups: dict[int, list[Piece]] = defaultdict(list)
-    for i, p in enumerate(pieces):
-        groups[find(i)].append(p)
-    out: list[Piece] = []
-    for ps in groups.values():
-        if len(ps) > 1 and sum(shapely.get_num_coordinates(p.geom) for p in ps) > max_vertices:
-            out.extend(Piece(p.geom, p.class_id, p.pixels, p.score_sum, False) for p in ps)
-            continue
-        geom = ps[0].geom if len(ps) == 1 else shapely.union_all([p.geom for p in ps])
-        out.append(Piece(geom, ps[0].class_id, sum(p.pixels for p in ps), sum(p.score_sum for p in ps),
-                         all(p.whole for p in ps)))
-    return [p for p in out if p.pixels >= min_pixels]
+    """``BandMerger`` over a list of bands, top to bottom."""
+    merger = BandMerger(max_vertices, min_pixels)
+    return [p for band in bands for p in merger.add(band)] + merger.finish()
 
 
 # --------------------------------------------------------------------------- map coordinates, GeoParquet

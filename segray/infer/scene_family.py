@@ -32,7 +32,7 @@ class SceneFamily:
     no_probabilities: str | None = None  # why write_probabilities is refused (None: allowed)
     no_tta: str | None = None  # why tta (test-time augmentation) is refused (None: allowed)
     # stitched in row bands instead (``scene_bands``): (task, band, storage) -> band result, and
-    # (task, storage, *band results) -> scene result; both never raise. None: one ``stitch`` per scene.
+    # (task, storage, band result refs) -> scene result; both never raise. None: one ``stitch`` per scene.
     band: Callable[..., dict[str, Any]] | None = None
     assemble: Callable[..., dict[str, Any]] | None = None
 

@@ -35,7 +35,7 @@ from segray.core.scene_polygons import POLYGON_SCHEMA
 from segray.core.tiling import Tile, Window
 from segray.infer.scene_family import SceneFamily
 from segray.infer.scene_grid import blob_url, class_map, grid_tiles
-from segray.infer.scene_bands import assemble, stitch_scene
+from segray.infer.scene_bands import assemble_refs, stitch_scene
 from segray.infer.scene_stitch import stitch_band
 from segray.infer.steps import Predictor, same_shape_chunks
 from segray.infer.tile_blobs import tile_blobs
@@ -299,7 +299,7 @@ SEMANTIC_SCENES = SceneFamily(
     write_kwargs=_write_kwargs,
     stitch=stitch_scene,
     band=stitch_band,
-    assemble=assemble,
+    assemble=assemble_refs,
     polygon_schema=POLYGON_SCHEMA,
     polygon_types=("Polygon",),
 )

@@ -122,7 +122,7 @@ class _Bands:
 
     def args(self, scene: PlannedScene) -> tuple:
         task, _, _, refs = self.scenes.pop(scene.scene_id)
-        return task, self.plan.cfg.storage, *refs
+        return task, self.plan.cfg.storage, refs  # in a list: fetched one by one, not all resolved first
 
     def drop(self, scene_id: str) -> None:
         import ray

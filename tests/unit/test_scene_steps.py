@@ -185,6 +185,37 @@ def test_stitching_in_row_bands_equals_one_band(scene, tmp_path, band_rows, bloc
     assert banded["polygon_bbox"] == pytest.approx(one["polygon_bbox"])
 
 
+def test_band_polygonizers_cut_a_percolating_region_without_gaps_or_overlaps():
+    """A class that percolates through every band as one web of holes, past polygon_max_vertices:
+    where it is cut into parts depends on where the cuts fall, so bands and one pass may cut it
+    differently, but its parts cover exactly its pixels (none twice, none lost), all flagged
+    ``whole=False``; the regions under the budget stay identical."""
+    rng = np.random.default_rng(3)
+    cmap = (rng.random((300, 320)) < 0.7).astype(np.uint8)  # class 1 percolates (> 0.593), countless holes
+    cmap[:, 150:170] = 2  # a column of another class through every band: one whole region
+    cmap[:, 149] = cmap[:, 170] = 0
+    kw = dict(nodata=MASK_NODATA, max_vertices=2_000)
+    whole = _feed(BlockPolygonizer(*cmap.shape, **kw), cmap, np.ones(cmap.shape), 64)
+    emitted, edges = [], []
+    for r0 in range(0, 300, 128):
+        poly = BlockPolygonizer(*cmap.shape, top=r0, **kw)
+        wins = [b for b in blocks(*cmap.shape, 64) if r0 <= b[0] < r0 + 128]
+        for n, (r, c, h, w) in enumerate(wins):
+            emitted += poly.add((r, c, h, w), cmap[r : r + h, c : c + w], np.ones((h, w)))
+            if n + 1 == len(wins) or wins[n + 1][0] != r:
+                emitted += poly.end_row(r + h)
+        edges.append(poly.band_edges())
+    banded = emitted + merge_bands(edges, max_vertices=2_000)
+    for pieces in (whole, banded):
+        parts = [p for p in pieces if not p.whole]
+        assert len(parts) > 10 and {p.class_id for p in parts} == {1}
+        for k in (1, 2):
+            mine = [p for p in pieces if p.class_id == k]
+            assert sum(p.pixels for p in mine) == sum(p.geom.area for p in mine) == (cmap == k).sum()
+        column = [p for p in pieces if p.class_id == 2]
+        assert len(column) == 1 and column[0].whole and column[0].pixels == 300 * 20
+
+
 def test_core_class_maps_are_exact_and_under_a_byte_per_pixel(scene, tmp_path):
     """``blend: core``: tiles pass on their cores' class maps only; with margin 24 >= the 22 px
     receptive-field radius the mask is the untiled argmax wherever it is decided, like blending,
@@ -227,7 +258,7 @@ def test_band_polygonizers_merge_to_the_whole_scene_polygonizer():
             if n + 1 == len(wins) or wins[n + 1][0] != r:
                 emitted += poly.end_row(r + h)
         edges.append(poly.band_edges())
-    assert all(len(e.pieces) for e in edges)  # regions do cross band borders
+    assert all(len(e.regions) for e in edges)  # regions do cross band borders
     joined = merge_bands(edges, min_pixels=5)
     banded = emitted + joined
     key = lambda p: (_key(p.geom), p.class_id, p.pixels)  # noqa: E731

@@ -253,7 +253,7 @@ def report(res: dict, tiles_per_s: float) -> None:
           f"{res['num_tiles']:,} tiles, band_rows {res['band_rows']}, blend {res['blend']}, {res['status']}, "
           f"{res['num_polygons']:,} polygons", flush=True)
     print(f"   wall {res['wall_s']:,.1f} s (last tile written at {res['tiles_done_s']:,.1f} s, stitch "
-          f"{res['stitch_s']:,.1f} CPU-s): {res['megapixels_per_s']:.2f} megapixels/s; intermediate "
+          f"{res['stitch_s']:,.1f} s summed over stitch tasks): {res['megapixels_per_s']:.2f} megapixels/s; intermediate "
           f"{res['intermediate_bytes_per_px']:.2f} bytes per scene pixel")
     print(f"   model only (the same tiles, preloaded, {tiles_per_s:.2f} tiles/s): "
           f"{res['model_only_megapixels_per_s']:.2f} megapixels/s; pipeline/model-only "

@@ -1,7 +1,8 @@
 """A semantic scene stitched in row bands: which tiles each band needs (``BandTiles``, so the
 driver submits a band the moment they are predicted), and ``assemble``, the scene's last step:
 GDAL turns the bands' pieces into the COGs (``raster.mosaic_cog``), the regions crossing band
-borders are joined and dissolved (``scene_polygons.merge_bands``), statistics are added up.
+borders are joined and dissolved band by band (``scene_polygons.BandMerger``), statistics are
+added up.
 
 Each band's pieces have one name per band (``scene_stitch.piece_url``): a band task that dies
 and is retried rewrites its own pieces, and ``assemble`` reads exactly one result per band, so

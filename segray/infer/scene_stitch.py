@@ -186,7 +186,7 @@ def _stitch_band(task: dict[str, Any], band: int, storage: StorageOptions | None
         mask_w, prob_w = _rasters(stack, task, band, rows, w)
         if poly_out:
             stack.enter_context(poly_out)
-        windows = [win for win in blocks(h, w, bs) if r0 <= win[0] < r1]
+        windows = [(r + r0, c, bh, bw) for r, c, bh, bw in blocks(r1 - r0, w, bs)]  # r0: a whole block multiple
         for n, win in enumerate(windows):
             b = blobs.block(win, ((tiles[i], cache.get(i)) for i in index.touching(win)))
             cmap = np.where(b.valid, b.pred, MASK_NODATA).astype(np.uint8)

@@ -127,9 +127,10 @@ class _Bands:
     def drop(self, scene_id: str) -> None:
         import ray
 
-        for ref in self.scenes.pop(scene_id, (None, None, None, []))[3]:
-            if ref is not None:
-                ray.cancel(ref)
+        if scene_id in self.scenes:
+            for ref in self.scenes.pop(scene_id)[3]:
+                if ref is not None:  # a band already submitted: its pieces are never assembled
+                    ray.cancel(ref)
 
 
 class StitchQueue:

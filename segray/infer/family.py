@@ -18,7 +18,7 @@ import pyarrow as pa
 class ImageStages:
     """One images run of a family: its rows, then read -> predict (an actor pool) -> encode."""
 
-    items: list[dict]  # one row per listed sample, in listing order
+    items: pa.Table | list[dict]  # one row per listed sample, in listing order
     read: Callable[..., dict]
     read_kwargs: dict
     predictor: type  # constructed once per actor
@@ -33,6 +33,6 @@ class Family:
 
     name: str
     schema: pa.Schema  # the images pipeline's row schema
-    image_stages: Callable[..., ImageStages]  # (InferJobConfig, samples, Checkpoint) -> stages
+    image_stages: Callable[..., ImageStages]  # (InferJobConfig, listing table, Checkpoint) -> stages
     summarize: Callable[..., dict[str, Any]]  # (InferJobConfig, Checkpoint, inputs, wall s) -> summary
     scenes: Any = field(default=None)  # the scene parts: tile predictor, tile writer, scene merge

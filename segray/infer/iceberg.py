@@ -111,7 +111,7 @@ class IcebergSink:
         self.complete: Optional[dict[str, Any]] = None
 
     @classmethod
-    def for_infer(cls, cfg, ckpt, samples: list) -> "IcebergSink":
+    def for_infer(cls, cfg, ckpt, listed) -> "IcebergSink":
         """The sink of ``segray infer`` with ``table:`` (its rows, the family's schema). The run's
         summary goes to ``<output>/summary.parquet``, computed from a light copy of this run's rows
         (every column but ``mask_png``) in ``<output>/predictions/``, which the families' summaries
@@ -121,8 +121,8 @@ class IcebergSink:
         family = family_of(ckpt)
         props = {"format": "segray-infer-iceberg/1", "job": "infer", "task": family.name,
                  "checkpoint": cfg.checkpoint, "checkpoint_id": ckpt.id, "model_name": ckpt.model_name,
-                 "num_inputs": len(samples)}
-        return cls(cfg.table, cfg.storage, family.schema, [s.image for s in samples], props,
+                 "num_inputs": listed.num_rows}
+        return cls(cfg.table, cfg.storage, family.schema, listed["image"].to_pylist(), props,
                    num_cpus=cfg.cpus_per_task, output=cfg.output)
 
     # ------------------------------------------------------------------ the table

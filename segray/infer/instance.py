@@ -67,6 +67,7 @@ from segray.core import coco_eval
 from segray.core.checkpoint import Checkpoint
 from segray.core.instances import Instances, encode_rles
 from segray.io.fs import join, pyarrow_fs
+from segray.io.listing import samples_of
 from segray.io.images import full_scale
 
 
@@ -232,13 +233,13 @@ def encode_instances(batch: dict[str, Any], class_names: list[str], category_ids
 # --------------------------------------------------------------------------- pipeline
 
 
-def instance_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> ImageStages:
-    """The instance family's images run; ``samples`` (already listed) fix the row count."""
+def instance_stages(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint) -> ImageStages:
+    """The instance family's images run; the listing fixes the row count."""
     if cfg.tta or cfg.predictor != "eager":
         raise ConfigError("tta/predictor: test-time augmentation and ONNX Runtime serve semantic checkpoints only "
                           f"(this one is {ckpt.model_name}, an instance model)")
     class_names = ckpt.class_names
-    items, cat_labels, coco = instance_items(samples, cfg.storage, class_names, cfg.coco_json, cfg.class_masks,
+    items, cat_labels, coco = instance_items(samples_of(listed), cfg.storage, class_names, cfg.coco_json, cfg.class_masks,
                                              cfg.source.mask_suffix)
     return ImageStages(
         items=items,

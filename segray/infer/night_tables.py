@@ -149,13 +149,14 @@ def run_table_night(cfg: NightlyJobConfig, ckpt: Checkpoint, init_ray: bool, t0:
     sink.prepare()
     if todo:
         from segray.infer.pipeline import build_dataset
+        from segray.io.listing import table_of
 
         if init_ray:
             start_ray()
         samples = [e.sample for e in todo]
         meta: dict[Any, tuple[int, str]] = {e.url: (e.size, e.version) for e in todo}
         meta.update({("id", e.image_id): (e.size, e.version) for e in todo})
-        ds = build_dataset(cfg.infer_config(cfg.output), samples, ckpt)
+        ds = build_dataset(cfg.infer_config(cfg.output), table_of(samples), ckpt)
         ds = ds.map_batches(_night_columns, fn_kwargs={"schema": schema, "night": night, "meta": meta},
                             batch_format="pyarrow", batch_size=None, num_cpus=cfg.infer.cpus_per_task)
         sink.write(ds)

@@ -31,8 +31,9 @@ class ImagesNight:
 
     def write(self, cfg: NightlyJobConfig, sink: PartitionSink, samples: list[Sample], ckpt: Checkpoint) -> None:
         from segray.infer.pipeline import build_dataset
+        from segray.io.listing import table_of
 
-        sink.write(build_dataset(cfg.infer_config(sink.partition), samples, ckpt))
+        sink.write(build_dataset(cfg.infer_config(sink.partition), table_of(samples), ckpt))
 
 
 class ScenesNight:

@@ -13,27 +13,38 @@ import math
 import time
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from segray.config import InferJobConfig
 from segray.core.checkpoint import Checkpoint
 from segray.infer.families import family_of
 from segray.infer.sinks import ParquetFolderSink
 from segray.infer.steps import open_checkpoint
-from segray.io.fs import readable_path
-from segray.io.sources import list_samples
+from segray.io.sources import listing
 from segray.runtime import model_runtime_env, start_ray
 
 
-def build_dataset(cfg: InferJobConfig, samples: list, ckpt: Checkpoint):
-    """The lazy Ray Dataset of output rows (the checkpoint family's ``schema``): the family gives
-    the rows and the steps, wired here once: read+decode tasks -> predictor actors -> encode tasks."""
+# Listing blocks: a few batches each so that every actor is busy early, and at most this many,
+# so that a million-row listing is a few thousand puts, not one per batch.
+MAX_LISTING_BLOCKS = 4096
+
+
+def build_dataset(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint):
+    """The lazy Ray Dataset of output rows (the checkpoint family's ``schema``) of the inputs
+    ``listed`` (:func:`segray.io.sources.listing`): the family gives the rows and the steps,
+    wired here once: read+decode tasks -> predictor actors -> encode tasks."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    stages = family_of(ckpt).image_stages(cfg, samples, ckpt)
+    stages = family_of(ckpt).image_stages(cfg, listed, ckpt)
     n = len(stages.items)
-    # Blocks of a few batches: enough blocks to keep every actor busy, few enough to stay cheap.
-    blocks = max(1, min(n, max(cfg.num_actors * 4, math.ceil(n / (cfg.batch_size * 2)))))
-    ds = ray.data.from_items(stages.items, override_num_blocks=blocks)
+    blocks = max(1, min(n, MAX_LISTING_BLOCKS, max(cfg.num_actors * 4, math.ceil(n / (cfg.batch_size * 2)))))
+    if isinstance(stages.items, pa.Table):  # Arrow all the way: no Python object per row on the driver
+        step = math.ceil(n / blocks)
+        ds = ray.data.from_arrow([stages.items.slice(i, step) for i in range(0, n, step)])
+    else:
+        ds = ray.data.from_items(stages.items, override_num_blocks=blocks)
     ds = ds.map_batches(stages.read, fn_kwargs=stages.read_kwargs, batch_size=cfg.batch_size,
                         num_cpus=cfg.cpus_per_task)
     ds = ds.map_batches(
@@ -55,20 +66,21 @@ def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
     With ``resume``, the rows a killed run finished are kept and only the other inputs run."""
     # Everything that can fail fast does so before any cluster work.
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
-    samples = list_samples(cfg.source, cfg.storage)
+    listed = listing(cfg.source, cfg.storage)
     from segray.infer.iceberg import IcebergSink  # the sink: an Iceberg table with `table:`, else the folder
-    sink = IcebergSink.for_infer(cfg, ckpt, samples) if cfg.table is not None else ParquetFolderSink(
-        cfg.output, cfg.storage, [readable_path(s.image) for s in samples], overwrite=cfg.overwrite, resume=cfg.resume,
+    sink = IcebergSink.for_infer(cfg, ckpt, listed) if cfg.table is not None else ParquetFolderSink(
+        cfg.output, cfg.storage, listed["image"], overwrite=cfg.overwrite, resume=cfg.resume,
         num_cpus=cfg.cpus_per_task)
     sink.prepare()
     if sink.complete is not None:  # resume over a committed output: nothing left to do
         return {**sink.complete["record"], "status": "already committed"}
 
     t0 = time.perf_counter()
-    todo = [s for s in samples if readable_path(s.image) not in sink.done]  # rows key on the readable form
-    if todo:
+    # Rows key on the readable form, the listing's ``image``.
+    todo = listed.filter(pc.invert(pc.is_in(listed["image"], value_set=pa.array(sorted(sink.done), pa.string()))))
+    if todo.num_rows:
         start_ray()
         sink.write(build_dataset(cfg, todo, ckpt))
-    summary = family_of(ckpt).summarize(cfg, ckpt, num_inputs=len(samples), wall_s=time.perf_counter() - t0)
+    summary = family_of(ckpt).summarize(cfg, ckpt, num_inputs=listed.num_rows, wall_s=time.perf_counter() - t0)
     summary["num_resumed"] = len(sink.done)
     return sink.commit(summary)

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
@@ -22,14 +23,14 @@ from segray.infer.runs import PREDICTIONS, run_counts
 from segray.infer.steps import Predictor, encode
 from segray.io.fs import join, pyarrow_fs
 from segray.io.images import full_scale
-from segray.io.reads import path_item, read_decode
+from segray.io.reads import read_decode
 
 
-def semantic_stages(cfg: InferJobConfig, samples: list, ckpt: Checkpoint) -> ImageStages:
+def semantic_stages(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint) -> ImageStages:
     if cfg.coco_json or cfg.class_masks:
         raise ConfigError("coco_json/class_masks: ground truth of instances needs an instance (Mask R-CNN) checkpoint")
     return ImageStages(
-        items=[{**path_item("image", s.image), **path_item("mask", s.mask), "image_id": s.image_id} for s in samples],
+        items=listed,  # the listing's columns are the rows' (segray.io.listing)
         read=read_decode,
         read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
                      "full_scale": full_scale(ckpt.band_stats), "out_of_range": cfg.out_of_range},

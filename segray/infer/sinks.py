@@ -18,10 +18,10 @@ import json
 import os
 import posixpath
 import uuid
-from collections import Counter
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -56,9 +56,10 @@ class ParquetFolderSink:
     rest. ``complete`` is the manifest when ``resume`` finds the output already committed.
     """
 
-    def __init__(self, output: str, storage: StorageOptions | None, inputs: list[str], overwrite: bool = False,
+    def __init__(self, output: str, storage: StorageOptions | None, inputs, overwrite: bool = False,
                  resume: bool = False, num_cpus: float = 1.0):
-        self.output, self.storage, self.inputs, self.num_cpus = output, storage, inputs, num_cpus
+        self.output, self.storage, self.num_cpus = output, storage, num_cpus
+        self.inputs = strings(inputs)  # an Arrow column: a million inputs are tens of MB, not a Python list
         self.rows_url = join(output, PREDICTIONS)
         self.publication = Publication(output, storage, "infer", overwrite=overwrite, resume=resume)
         self.done: set[str] = set()
@@ -73,14 +74,14 @@ class ParquetFolderSink:
     def _keep_finished(self) -> None:
         """Keep each finished part file of earlier attempts whose rows are new inputs of this run;
         remove the rest (unreadable: cut off mid-write; or rows already kept, or not asked for)."""
-        wanted = set(self.inputs)
         for name in folder_files(self.rows_url, self.storage):
             url = join(self.rows_url, name)
             try:
                 paths = _read_table(url, self.storage, ["source_path"])["source_path"].to_pylist()
             except Exception:  # a truncated file: its rows are not done
                 paths = None
-            if paths is None or not name.endswith(".parquet") or self.done & set(paths) or set(paths) - wanted:
+            if paths is None or not name.endswith(".parquet") or self.done & set(paths) \
+                    or not pc.all(pc.is_in(pa.array(paths, pa.string()), value_set=self.inputs)).as_py():
                 _remove_file(url, self.storage)
                 continue
             self.done.update(paths)
@@ -224,7 +225,7 @@ class PartitionSink:
         """``record`` carries ``inputs`` (a table of INPUTS_SCHEMA: what this night processed)."""
         inputs: pa.Table = record.pop("inputs")
         files = self.files()
-        verify_rows(self.rows(["source_path"]), inputs["source_path"].to_pylist())
+        verify_rows(self.rows(["source_path"]), inputs["source_path"])
         inputs_file = f"_inputs-{self.attempt}.parquet"
         pfs, ppath = pyarrow_fs(join(self.partition, inputs_file), self.storage)
         if "://" not in self.partition or self.partition.startswith("file://"):
@@ -243,14 +244,24 @@ class PartitionSink:
         return record
 
 
-def verify_rows(table: pa.Table, want: list[str]) -> None:
-    """Exactly one row per input, and nothing else, before a run may commit."""
-    got = Counter(table["source_path"].to_pylist())
-    dupes = [p for p, n in got.items() if n > 1]
-    missing = set(want) - set(got)
-    extra = set(got) - set(want)
-    if dupes or missing or extra or table.num_rows != len(want):
+def strings(values) -> pa.Array:
+    """``values`` (a list, an Arrow array or column) as one Arrow string array."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+
+def verify_rows(table: pa.Table, want) -> None:
+    """Exactly one row per input, and nothing else, before a run may commit: in Arrow columns
+    (``want`` a list or an Arrow array of source paths), so a million-input run is checked
+    without a Python set of either side."""
+    got, want = strings(table["source_path"]), strings(want)
+    counts = pc.value_counts(got)
+    dupes = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    missing = want.filter(pc.invert(pc.is_in(want, value_set=got)))
+    extra = got.filter(pc.invert(pc.is_in(got, value_set=want)))
+    if len(dupes) or len(missing) or len(extra) or len(got) != len(want):
+        examples = [v for part in (dupes, missing, extra) for v in sorted(part.to_pylist())[:2]]
         raise RuntimeError(
-            f"not committing: {table.num_rows} rows for {len(want)} inputs "
-            f"({len(dupes)} duplicated, {len(missing)} missing, {len(extra)} unexpected, "
-            f"e.g. {sorted(dupes)[:2] + sorted(missing)[:2] + sorted(extra)[:2]})")
+            f"not committing: {len(got)} rows for {len(want)} inputs "
+            f"({len(dupes)} duplicated, {len(missing)} missing, {len(extra)} unexpected, e.g. {examples})")

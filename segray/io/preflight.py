@@ -189,7 +189,7 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
     """The URL of one image ``source`` names (checks that it exists and lists), without listing
     everything: a folder is walked until its first image, a glob's first match, a manifest's
     first row."""
-    from segray.io.sources import LISTERS, image_extensions, source_kind
+    from segray.io.sources import LISTERS, first_url, image_extensions, source_kind
 
     kind = source_kind(source)
     if kind == "stac":
@@ -219,9 +219,9 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
         raise PreflightError(f"{fld}: {url}: permission denied") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise PreflightError(f"{fld}: {url}: {_reason(exc)}") from None
-    if not rows:
+    if not rows.num_rows:
         raise PreflightError(f"{fld}: {url} names no images")
-    return rows[0][0]
+    return first_url(rows)
 
 
 def first_scene(stac: StacSourceConfig, storage: StorageOptions | None, field: str) -> str:

@@ -11,14 +11,17 @@ import csv
 import io
 import os
 import posixpath
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from segray.config import SourceConfig, StorageOptions
-from segray.io.fs import Sample, get_fs, join, readable_path, scheme_of, to_url
+from segray.io.fs import Sample, get_fs, join, readable_path, real_path, scheme_of, to_url
+from segray.io.listing import listing_table, masks_by_stem, plain_urls, samples_of, stems, table_of, unique_ids, url_columns
 
 # Extensions a mask may have, beyond source.extensions (masks are often PNG/TIFF next to JPEGs).
 _MASK_EXTENSIONS = {".png", ".tif", ".tiff", ".bmp", ".gif", ".jpg", ".jpeg", ".webp", ".jp2"}
@@ -76,14 +79,6 @@ def _mask_index(source: SourceConfig, storage: StorageOptions | None) -> dict[st
         if _ext(rel) in allowed:
             index.setdefault(_stem(rel), to_url(source.masks, full))  # sorted: '.png' before '.tif'
     return index
-
-
-def _unique_ids(items: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-    """(url, relative path) -> (url, id, stem); ids keep the extension only where they would
-    collide (a.png and a.tif in one folder), so outputs keyed by id never overwrite each other."""
-    stems = [_stem(rel) for _, rel in items]
-    counts = Counter(stems)
-    return [(url, rel if counts[stem] > 1 else stem, stem) for (url, rel), stem in zip(items, stems)]
 
 
 def _folder(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str]]:
@@ -154,28 +149,10 @@ def _resolve(entry: str, manifest_url: str, manifest_dir: str) -> str:
 
 # Columns of a Parquet manifest: ``image`` (or S3 Inventory's ``key``, with ``bucket``), an optional
 # ``mask``, and, for the nightly runs, the object's size and version as the inventory lists them
-# (so a million-object archive is diffed without a HEAD per object).
+# (so a million-object archive is diffed without a HEAD per object). Read as columns throughout.
 _SIZE_COLUMNS = ("size",)
 _VERSION_COLUMNS = ("etag", "e_tag", "version", "last_modified", "last_modified_date")
-
-
-def _parquet_rows(table, url: str) -> list[tuple[str, Optional[str], Optional[int], Optional[str]]]:
-    names = table.column_names
-    if "image" in names:
-        images = table.column("image").to_pylist()
-    elif "key" in names:  # S3 Inventory: keys under the bucket column's bucket, else under the manifest
-        keys = table.column("key").to_pylist()
-        buckets = table.column("bucket").to_pylist() if "bucket" in names else [None] * len(keys)
-        images = [f"s3://{b}/{k}" if b and k else k for b, k in zip(buckets, keys)]
-    else:
-        raise ValueError(f"{url}: parquet manifest needs an 'image' (or S3 Inventory 'key') column (has {names})")
-    n = len(images)
-    masks = table.column("mask").to_pylist() if "mask" in names else [None] * n
-    size_col = next((c for c in _SIZE_COLUMNS if c in names), None)
-    sizes = table.column(size_col).to_pylist() if size_col else [None] * n
-    ver_col = next((c for c in _VERSION_COLUMNS if c in names), None)
-    versions = [_listed_version(v) for v in table.column(ver_col).to_pylist()] if ver_col else [None] * n
-    return [(str(i), str(m) if m else None, z, v) for i, m, z, v in zip(images, masks, sizes, versions) if i]
+_SCHEME = r"^[A-Za-z][A-Za-z0-9+.-]*://"
 
 
 def _listed_version(v) -> Optional[str]:
@@ -185,17 +162,49 @@ def _listed_version(v) -> Optional[str]:
     return v.isoformat() if hasattr(v, "isoformat") else str(v).strip('"')
 
 
-def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, Optional[str], Optional[int],
-                                                                           Optional[str]]]:
-    """(image, mask, size, version) per manifest row; size and version only from Parquet columns."""
+def _versions(col: pa.ChunkedArray) -> pa.Array:
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):  # ETags: no per-row work
+        trimmed = pc.utf8_trim(col, '"')
+        return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
+    return pa.array([_listed_version(v) for v in col.to_pylist()], pa.string())
+
+
+def _parquet_manifest(table: pa.Table, url: str) -> pa.Table:
+    names = table.column_names
+    if "image" in names:
+        images = table["image"].cast(pa.string())
+    elif "key" in names:  # S3 Inventory: keys under the bucket column's bucket, else under the manifest
+        keys = table["key"].cast(pa.string())
+        images = keys
+        if "bucket" in names:
+            buckets = table["bucket"].cast(pa.string())
+            both = pc.fill_null(pc.and_(pc.not_equal(buckets, ""), pc.not_equal(keys, "")), False)
+            images = pc.if_else(both, pc.binary_join_element_wise("s3://", buckets, "/", keys, ""), keys)
+    else:
+        raise ValueError(f"{url}: parquet manifest needs an 'image' (or S3 Inventory 'key') column (has {names})")
+    n = len(images)
+    size_col = next((c for c in _SIZE_COLUMNS if c in names), None)
+    ver_col = next((c for c in _VERSION_COLUMNS if c in names), None)
+    out = pa.table({
+        "image": images,
+        "mask": table["mask"].cast(pa.string()) if "mask" in names else pa.nulls(n, pa.string()),
+        "size": table[size_col].cast(pa.int64()) if size_col else pa.nulls(n, pa.int64()),
+        "version": _versions(table[ver_col]) if ver_col else pa.nulls(n, pa.string()),
+    })
+    return out.filter(pc.fill_null(pc.not_equal(out["image"], ""), False))
+
+
+def _manifest_table(url: str, storage: StorageOptions | None, versions: bool = False) -> pa.Table:
+    """The manifest's rows as written: ``image``, ``mask``, and with ``versions`` a Parquet
+    manifest's ``size`` and ``version`` (else null; unread columns cost no memory)."""
     fs, path = get_fs(url, storage)
     if not fs.exists(path):
         raise FileNotFoundError(f"manifest not found: {url}")
     data = fs.cat_file(path)
     if _ext(path) == ".parquet" or data[:4] == b"PAR1":
-        import pyarrow.parquet as pq
-
-        return _parquet_rows(pq.read_table(io.BytesIO(data)), url)
+        file = pq.ParquetFile(io.BytesIO(data))
+        wanted = {"image", "key", "bucket", "mask"} | (set(_SIZE_COLUMNS + _VERSION_COLUMNS) if versions else set())
+        return _parquet_manifest(file.read([c for c in file.schema_arrow.names if c in wanted]), url)
     rows = []
     for n, row in enumerate(csv.reader(io.StringIO(data.decode("utf-8-sig")))):
         row = [c.strip() for c in row]
@@ -203,44 +212,70 @@ def _manifest_rows(url: str, storage: StorageOptions | None) -> list[tuple[str, 
             continue
         if n == 0 and row[0].lower() == "image":
             continue  # header
-        rows.append((row[0], row[1] if len(row) > 1 and row[1] else None, None, None))
-    return rows
+        rows.append((row[0], row[1] if len(row) > 1 and row[1] else None))
+    return pa.table({"image": pa.array([r[0] for r in rows], pa.string()),
+                     "mask": pa.array([r[1] for r in rows], pa.string()),
+                     "size": pa.nulls(len(rows), pa.int64()), "version": pa.nulls(len(rows), pa.string())})
 
 
-def _manifest(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
+def _resolved(entries: pa.ChunkedArray, url: str, base: str) -> pa.ChunkedArray | pa.Array:
+    """``_resolve`` of every entry; entries that are all URLs (an inventory's) pass as they are."""
+    if pc.all(pc.match_substring_regex(entries, _SCHEME)).as_py() is not False:
+        return entries
+    return pa.array([_resolve(e, url, base) if e else None for e in entries.to_pylist()], pa.string())
+
+
+def _manifest_rels(images, base: str):
+    """Each image's path relative to the manifest's folder when it lies under it, else its path
+    without the scheme: by string rules, in columns where the entries allow it."""
+    prefix = base.rstrip("/") + "/" if (base.startswith("/") or "://" in base) else None
+    if prefix and prefix.isascii() and pc.all(pc.starts_with(images, prefix)).as_py():
+        return pc.utf8_slice_codeunits(images, len(prefix))
+    base_path = _strip(base).rstrip("/")
+    if base_path.isascii() and pc.all(pc.match_substring_regex(images, _SCHEME)).as_py():
+        paths = pc.replace_substring_regex(images, _SCHEME, "")
+        under = pc.starts_with(paths, base_path + "/")
+        return pc.if_else(under, pc.utf8_slice_codeunits(paths, len(base_path) + 1), pc.utf8_ltrim(paths, "/"))
+    out = []
+    for u in images.to_pylist():
+        if prefix and u.startswith(prefix):
+            out.append(u[len(prefix):])
+            continue
+        p = _strip(u)
+        out.append(p[len(base_path):].lstrip("/") if p.startswith(base_path + "/") else p.lstrip("/"))
+    return pa.array(out, pa.string())
+
+
+def _lister_table(image: tuple, rel, mask: tuple) -> pa.Table:
+    return pa.table({"image": image[0], "image_path_bytes": image[1], "rel": rel,
+                     "mask": mask[0], "mask_path_bytes": mask[1]})
+
+
+def _python_rows(items: list[tuple[str, str]]) -> pa.Table:
+    """A lister's table from (URL, relative path) pairs (a folder's or a glob's listing)."""
+    return _lister_table(url_columns(u for u, _ in items), pa.array([readable_path(r) for _, r in items], pa.string()),
+                         url_columns(None for _ in items))
+
+
+def _manifest(source: SourceConfig, storage: StorageOptions | None) -> pa.Table:
     assert source.manifest is not None
     url = source.manifest
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    base_path = _strip(base).rstrip("/")
-    prefix = base.rstrip("/") + "/" if (base.startswith("/") or "://" in base) else None
-    out = []
-    for image, mask, _, _ in _manifest_rows(url, storage):
-        image_url = _resolve(image, url, base)
-        # Id relative to the manifest's folder when the image lies under it.
-        if prefix and image_url.startswith(prefix):  # by string alone: a million rows, no path calls
-            rel = image_url[len(prefix):]
-        else:
-            p = _strip(image_url)
-            rel = p[len(base_path) :].lstrip("/") if p.startswith(base_path + "/") else p.lstrip("/")
-        out.append((image_url, rel, _resolve(mask, url, base) if mask else None))
-    if not out:
+    rows = _manifest_table(url, storage)
+    if not rows.num_rows:
         raise FileNotFoundError(f"manifest lists no images: {url}")
-    return out
+    images = _resolved(rows["image"], url, base)
+    return _lister_table(plain_urls(images), _manifest_rels(images, base), plain_urls(_resolved(rows["mask"], url, base)))
 
 
-def _folder_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
-    return [(url, rel, None) for url, rel in _folder(source, storage)]
-
-
-def _glob_rows(source: SourceConfig, storage: StorageOptions | None) -> list[tuple[str, str, Optional[str]]]:
-    return [(url, rel, None) for url, rel in _glob(source, storage)]
-
-
-# The one seam of inputs: a lister per kind of source, each giving (image URL, id path, its mask
-# URL or None) in a stable order. A STAC catalog lists Samples itself (items made of several
-# assets, see ``segray.io.stac``); everything downstream reads Samples.
-LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], list[tuple[str, str, Optional[str]]]]] = {
-    "images": _folder_rows, "glob": _glob_rows, "manifest": _manifest,
+# The one seam of inputs: a lister per kind of source, each giving a table of (image URL, its
+# relative path, its mask URL or "") in a stable order (see ``segray.io.listing`` for the URL
+# columns). A STAC catalog lists Samples itself (items made of several assets, see
+# ``segray.io.stac``); everything downstream reads the listing or Samples made from it.
+LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], pa.Table]] = {
+    "images": lambda source, storage: _python_rows(_folder(source, storage)),
+    "glob": lambda source, storage: _python_rows(_glob(source, storage)),
+    "manifest": _manifest,
 }
 
 
@@ -248,28 +283,37 @@ def source_kind(source: SourceConfig) -> str:
     return "stac" if source.stac is not None else next(kind for kind in LISTERS if getattr(source, kind, None))
 
 
+def first_url(rows: pa.Table) -> str:
+    """The URL to open of a lister's first row."""
+    return real_path(rows["image"][0].as_py(), rows["image_path_bytes"][0].as_py())
+
+
+def listing(source: SourceConfig, storage: StorageOptions | None = None) -> pa.Table:
+    """What ``source`` names, as an Arrow table (``segray.io.listing.LISTING``), in listing order.
+    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``;
+    masks not found are "". Ids are computed over the whole listing, then ``limit`` applies."""
+    if source.stac is not None:
+        return table_of(list_samples(source, storage))
+    rows = LISTERS[source_kind(source)](source, storage)
+    ids = unique_ids(rows["rel"])
+    mask = (rows["mask"], rows["mask_path_bytes"])
+    if source.masks:
+        found = masks_by_stem(stems(rows["rel"]), _mask_index(source, storage), source.mask_suffix)
+        own = pc.not_equal(rows["mask"], "")
+        mask = (pc.if_else(own, mask[0], found[0]), pc.if_else(own, mask[1], found[1]))
+    table = listing_table((rows["image"], rows["image_path_bytes"]), mask, ids)
+    return table.slice(0, source.limit) if source.limit else table
+
+
 def list_samples(source: SourceConfig, storage: StorageOptions | None = None) -> list[Sample]:
-    """Image (and mask) URLs named by ``source``; masks not found are None (the caller decides).
-    Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``.
-    A STAC source lists scenes made of several files (``segray.io.stac``): Samples of their own."""
+    """``listing`` as ``Sample``s. A STAC source lists scenes made of several files
+    (``segray.io.stac``): Samples of their own."""
     if source.stac is not None:
         from segray.io.stac import stac_samples
 
         samples = stac_samples(source.stac, storage)
         return samples[: source.limit] if source.limit else samples
-    rows = LISTERS[source_kind(source)](source, storage)
-    explicit = {img: m for img, _, m in rows if m}
-    items = _unique_ids([(img, rel) for img, rel, _ in rows])
-    if source.limit:
-        items = items[: source.limit]
-    masks = _mask_index(source, storage) if source.masks else {}
-    samples = []
-    for url, image_id, stem in items:
-        mask = explicit.get(url) or masks.get(stem + source.mask_suffix)
-        # URLs stay openable (surrogate-escaped where a name is not UTF-8); the id is a row key
-        # and an output name, so it is the readable form.
-        samples.append(Sample(image=url, mask=mask, image_id=readable_path(image_id)))
-    return samples
+    return samples_of(listing(source, storage))
 
 
 # --------------------------------------------------------------------------- archives (nightly)
@@ -325,8 +369,11 @@ def _manifest_versions(source: SourceConfig, storage: StorageOptions | None) -> 
     """{image URL: (size, version)} of the manifest rows that list both (S3 Inventory style)."""
     url = source.manifest
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    return {_resolve(image, url, base): (int(size), version)
-            for image, _, size, version in _manifest_rows(url, storage) if size is not None and version}
+    rows = _manifest_table(url, storage, versions=True)
+    rows = rows.filter(pc.and_(pc.is_valid(rows["size"]), pc.is_valid(rows["version"])))
+    images = _resolved(rows["image"], url, base)
+    return {image: (int(size), version) for image, size, version in
+            zip(images.to_pylist(), rows["size"].to_pylist(), rows["version"].to_pylist())}
 
 
 def list_archive(source: SourceConfig, storage: StorageOptions | None = None) -> list[ArchiveEntry]:

@@ -12,6 +12,7 @@ from segray.infer.instance import INSTANCE_SCHEMA, InstancePredictor
 from segray.infer.sinks import verify_rows
 from segray.infer.steps import OUTPUT_SCHEMA, Predictor
 from segray.io.fs import Sample
+from segray.io.listing import table_of
 
 
 def test_a_checkpoint_task_picks_its_family():
@@ -28,14 +29,14 @@ def test_families_give_the_images_pipeline_its_steps(tmp_path):
     samples = [Sample(image=f"{tmp_path}/a.png", mask=None, image_id="a")]
     ckpt = Checkpoint(task="semantic", model_config={"name": "unet", "num_classes": 2}, class_names=["bg", "fg"],
                       model_state={}, ignore_index=255, bands=[2, 1, 0])
-    stages = family_of(ckpt).image_stages(cfg, samples, ckpt)
-    assert stages.items == [{"image": f"{tmp_path}/a.png", "image_path_bytes": b"", "mask": "",
+    stages = family_of(ckpt).image_stages(cfg, table_of(samples), ckpt)
+    assert stages.items.to_pylist() == [{"image": f"{tmp_path}/a.png", "image_path_bytes": b"", "mask": "",
                              "mask_path_bytes": b"", "image_id": "a"}]
     assert stages.read_kwargs["bands"] == [2, 1, 0], "inputs are read with the bands the model was trained on"
     assert stages.predictor is Predictor and stages.predictor_kwargs["max_batch"] == 3
     assert stages.encode_kwargs == {"class_names": ["bg", "fg"], "ignore_index": 255}
     with pytest.raises(ConfigError, match="needs an instance"):
-        family_of(ckpt).image_stages(cfg.model_copy(update={"coco_json": "x.json"}), samples, ckpt)
+        family_of(ckpt).image_stages(cfg.model_copy(update={"coco_json": "x.json"}), table_of(samples), ckpt)
     assert issubclass(InstancePredictor, Predictor) and InstancePredictor.task == "instance"
 
 

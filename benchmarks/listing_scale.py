@@ -4,15 +4,20 @@ Measured, never asserted. For N objects (default 1,000,000) this writes one inve
 manifest (key, size, e_tag, last_modified_date), then, each in a fresh process so that peak
 memory is its own:
 
-- ``list_samples``: what every images job lists before it starts (``segray infer``, training);
+- ``listing``: what ``segray infer`` lists before it starts: an Arrow table, handed to Ray Data
+  as it is;
+- ``list_samples``: the same as ``Sample`` objects (training, scenes: a Python object per row);
 - ``list_archive``: what ``segray nightly`` lists, size and version from the inventory's own
-  columns (no request per object);
-- the nightly diff: the archive against a committed set holding 90% of it.
+  columns (no request per object), in Arrow columns;
+- the nightly diff: the archive against a committed set holding 90% of it (an Arrow anti-join).
 
-It prints seconds, objects/s, peak RSS and bytes per listed object. The objects themselves
-need not exist: listing a manifest reads the manifest only.
+It prints seconds, objects/s, peak RSS, the peak's growth per listed object and what the result
+itself holds per object. The objects themselves need not exist: listing a manifest reads the
+manifest only. ``--first-predictions`` then runs ``segray infer`` on such a manifest (its first
+objects real PNGs, the rest absent: error rows) and prints the seconds until the first
+predictions are in storage and the driver's peak RSS per listed object.
 
-    .venv/bin/python benchmarks/listing_scale.py --num-objects 1000000
+    .venv/bin/python benchmarks/listing_scale.py --num-objects 1000000 [--first-predictions]
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +36,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # infer_throughput's data and checkpoint
 
 
 def write_inventory(path: Path, n: int) -> None:
@@ -43,36 +53,105 @@ def write_inventory(path: Path, n: int) -> None:
 
 def _child(what: str, manifest: str) -> None:
     from segray.config import SourceConfig
-    from segray.io.sources import list_archive, list_samples
+    from segray.io.sources import list_archive, list_samples, listing
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     source = SourceConfig(manifest=manifest)
     t = time.perf_counter()
-    if what == "list_samples":
+    held = 0
+    if what == "listing":
+        table = listing(source)
+        n, held = table.num_rows, table.nbytes
+    elif what == "list_samples":
         n = len(list_samples(source))
     else:
         entries = list_archive(source)
-        n = len(entries)
+        n, held = len(entries), entries.table.nbytes
         if what == "nightly diff":
-            from segray.infer.nightly import unprocessed
             from segray.infer.sinks import INPUTS_SCHEMA
 
-            held = entries[: n * 9 // 10]  # what committed nights hold: their inputs tables, in Arrow
-            done = pa.table({"source_path": [e.url for e in held], "image_id": [e.image_id for e in held],
-                             "size": [e.size for e in held], "version": [e.version for e in held]},
-                            schema=INPUTS_SCHEMA)
-            del held
+            # What committed nights hold: their inputs tables, 90% of the archive.
+            done = entries.table.slice(0, n * 9 // 10).select(INPUTS_SCHEMA.names).cast(INPUTS_SCHEMA)
             t = time.perf_counter()  # the diff alone (its listing is the row above)
-            n_todo = len(unprocessed(entries, [done]))
+            n_todo = len(entries.not_in([done]))
             assert n_todo == n - n * 9 // 10
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"what": what, "n": n, "wall_s": wall, "peak_rss": peak, "grown": peak - base}))
+    print(json.dumps({"what": what, "n": n, "wall_s": wall, "peak_rss": peak, "grown": peak - base, "held": held}))
+
+
+def _first_predictions(workdir: Path, n: int, real: int) -> dict:
+    """Runs ``jobs/infer.py`` on a manifest of ``n`` entries (the first ``real`` of them PNGs on
+    disk) against the running Ray cluster; stops it once a finished part file of predictions is
+    in the output. Returns the seconds to it and the driver's peak RSS and USS until then."""
+    import psutil
+
+    from infer_throughput import make_checkpoint, prepare_images
+    from segray.config import ModelConfig
+
+    images = prepare_images(workdir, real, size=64)
+    ckpt = make_checkpoint(workdir, ModelConfig(num_classes=5, depth=2, base_width=8), images)
+    paths = [str(p) for p in sorted(images.glob("*.png"))[:real]]
+    manifest = workdir / f"manifest-{n}.parquet"
+    pq.write_table(pa.table({"image": paths + [f"{images}/absent/{i:07d}.png" for i in range(n - len(paths))]}),
+                   manifest)
+    out = workdir / f"out-{n}"
+    config = workdir / f"infer-{n}.yaml"
+    config.write_text(json.dumps({"source": {"manifest": str(manifest)}, "checkpoint": str(ckpt), "output": str(out),
+                                  "batch_size": 8, "num_actors": 1, "overwrite": True}))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "infer.py"), str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rss = uss = 0
+    try:
+        driver = psutil.Process(proc.pid)
+        while proc.poll() is None and time.perf_counter() - t0 < 600:
+            mem = driver.memory_full_info()
+            rss, uss = max(rss, mem.rss), max(uss, mem.uss)
+            if _a_finished_part(out / "predictions"):
+                break
+            time.sleep(0.1)
+        first = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    return {"n": n, "first_s": first, "rss": rss, "uss": uss}
+
+
+def _a_finished_part(folder: Path) -> bool:
+    for part in folder.glob("*.parquet") if folder.exists() else ():
+        try:
+            return pq.read_metadata(part).num_rows > 0  # readable once its footer is written
+        except Exception:
+            continue
+    return False
+
+
+def first_predictions(n: int, real: int) -> None:
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            small, big = (_first_predictions(Path(tmp), k, real) for k in (real, n))
+    finally:
+        ray.shutdown()
+    print(f"\nsegray infer on a manifest of {n:,} (first {real:,} real PNGs), Ray already up, driver process:")
+    print(f"{'manifest rows':>14} {'s to first predictions':>23} {'peak RSS':>9} {'peak USS':>9}")
+    for r in (small, big):
+        print(f"{r['n']:>14,} {r['first_s']:>23.1f} {r['rss'] / 2**20:>7.0f}Mi {r['uss'] / 2**20:>7.0f}Mi")
+    print(f"driver bytes per listed object (growth from {real:,} to {n:,} rows): "
+          f"RSS {(big['rss'] - small['rss']) / (n - real):.0f}, USS {(big['uss'] - small['uss']) / (n - real):.0f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-objects", type=int, default=1_000_000)
+    ap.add_argument("--first-predictions", action="store_true",
+                    help="also run segray infer on such a manifest to its first predictions (starts a local Ray)")
+    ap.add_argument("--real", type=int, default=2000, help="real images at the head of that manifest")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -83,13 +162,17 @@ def main() -> None:
         write_inventory(manifest, args.num_objects)
         print(f"inventory of {args.num_objects:,} objects: {manifest.stat().st_size / 1e6:.1f} MB "
               f"(written in {time.perf_counter() - t:.1f} s)")
-        print(f"{'step':<14} {'objects':>10} {'seconds':>8} {'objects/s':>10} {'peak RSS':>9} {'bytes/object':>12}")
-        for what in ("list_samples", "list_archive", "nightly diff"):
+        print(f"{'step':<14} {'objects':>10} {'seconds':>8} {'objects/s':>10} {'peak RSS':>9} {'peak B/object':>13} "
+              f"{'held B/object':>13}")
+        for what in ("listing", "list_samples", "list_archive", "nightly diff"):
             out = subprocess.run([sys.executable, __file__, "--child", what, str(manifest)], check=True,
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
             print(f"{what:<14} {r['n']:>10,} {r['wall_s']:>8.1f} {r['n'] / r['wall_s']:>10,.0f} "
-                  f"{r['peak_rss'] / 2**20:>7.0f}Mi {r['grown'] / r['n']:>12.0f}")
+                  f"{r['peak_rss'] / 2**20:>7.0f}Mi {r['grown'] / r['n']:>13.0f} "
+                  f"{(r['held'] / r['n'] if r['held'] else float('nan')):>13.0f}")
+    if args.first_predictions:
+        first_predictions(args.num_objects, args.real)
 
 
 if __name__ == "__main__":

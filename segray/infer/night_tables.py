@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from segray.config import ConfigError, NightlyJobConfig
 from segray.core.checkpoint import Checkpoint
@@ -80,15 +81,14 @@ def table_plan(cfg: NightlyJobConfig, table=None) -> dict[str, Any]:
     nights = table_nights(table)
     mine = next((n for n in reversed(nights) if n.run_date == night), None)
     entries = list_archive(cfg.source, cfg.storage)
-    done: set[tuple[str, int, str]] = set()
+    done = []
     cols = ("source_path", *NIGHT_COLUMNS.names)
     if table is not None and table.current_snapshot() is not None and set(cols) <= set(table.schema().column_names):
         t = table.scan(selected_fields=cols).to_arrow()
-        for path, size, version, day in zip(*(t[c].to_pylist() for c in ("source_path", "source_size",
-                                                                           "source_version", "run_date"))):
-            if day is not None and day.isoformat() != night:  # a rebuild recomputes this night's own images
-                done.add((path, size, version))
-    todo = [e for e in entries if e.key not in done]
+        # Other nights' rows (a rebuild recomputes this night's own images), in Arrow columns.
+        t = t.filter(pc.fill_null(pc.not_equal(t["run_date"], pa.scalar(dt.date.fromisoformat(night), pa.date32())), False))
+        done = [pa.table({"source_path": t["source_path"], "size": t["source_size"], "version": t["source_version"]})]
+    todo = entries.not_in(done)
     return {"run_date": night, "table": cfg.table.identifier, "committed": mine, "entries": entries, "todo": todo,
             "num_done_before": len(entries) - len(todo), "num_commits": len(nights)}
 
@@ -149,14 +149,12 @@ def run_table_night(cfg: NightlyJobConfig, ckpt: Checkpoint, init_ray: bool, t0:
     sink.prepare()
     if todo:
         from segray.infer.pipeline import build_dataset
-        from segray.io.listing import table_of
 
         if init_ray:
             start_ray()
-        samples = [e.sample for e in todo]
         meta: dict[Any, tuple[int, str]] = {e.url: (e.size, e.version) for e in todo}
         meta.update({("id", e.image_id): (e.size, e.version) for e in todo})
-        ds = build_dataset(cfg.infer_config(cfg.output), table_of(samples), ckpt)
+        ds = build_dataset(cfg.infer_config(cfg.output), todo.listing(), ckpt)
         ds = ds.map_batches(_night_columns, fn_kwargs={"schema": schema, "night": night, "meta": meta},
                             batch_format="pyarrow", batch_size=None, num_cpus=cfg.infer.cpus_per_task)
         sink.write(ds)

@@ -17,7 +17,8 @@ from segray.config import NightlyJobConfig
 from segray.core.checkpoint import Checkpoint
 from segray.infer.scene_layout import SCENE_SCHEMA, SCENES
 from segray.infer.sinks import PartitionSink
-from segray.io.fs import Sample, join, pyarrow_fs
+from segray.io.fs import join, pyarrow_fs
+from segray.io.listing import Archive
 
 SCENES_DIR = "scenes"  # a scenes night's own outputs, inside its partition
 
@@ -29,11 +30,10 @@ class ImagesNight:
     def schema(self, family) -> pa.Schema:
         return family.schema
 
-    def write(self, cfg: NightlyJobConfig, sink: PartitionSink, samples: list[Sample], ckpt: Checkpoint) -> None:
+    def write(self, cfg: NightlyJobConfig, sink: PartitionSink, todo: Archive, ckpt: Checkpoint) -> None:
         from segray.infer.pipeline import build_dataset
-        from segray.io.listing import table_of
 
-        sink.write(build_dataset(cfg.infer_config(sink.partition), table_of(samples), ckpt))
+        sink.write(build_dataset(cfg.infer_config(sink.partition), todo.listing(), ckpt))
 
 
 class ScenesNight:
@@ -43,11 +43,11 @@ class ScenesNight:
     def schema(self, family) -> pa.Schema:
         return SCENE_SCHEMA
 
-    def write(self, cfg: NightlyJobConfig, sink: PartitionSink, samples: list[Sample], ckpt: Checkpoint) -> None:
+    def write(self, cfg: NightlyJobConfig, sink: PartitionSink, todo: Archive, ckpt: Checkpoint) -> None:
         from segray.infer.scenes import run_scenes
 
         out = join(sink.partition, SCENES_DIR)
-        run_scenes(cfg.scene_config(out), samples=samples)
+        run_scenes(cfg.scene_config(out), samples=todo.samples())
         fs, path = pyarrow_fs(join(out, SCENES), cfg.storage)
         sink.write_table(pq.read_table(path, filesystem=fs))
 

@@ -67,7 +67,7 @@ from segray.infer.night_workloads import WORKLOADS
 from segray.infer.sinks import FORMAT, INPUTS_SCHEMA, SUCCESS, PartitionSink
 from segray.infer.steps import error_reasons, open_checkpoint
 from segray.io.fs import get_fs, join, pyarrow_fs
-from segray.io.sources import ArchiveEntry, list_archive
+from segray.io.sources import list_archive
 from segray.runtime import start_ray
 
 log = logging.getLogger(__name__)
@@ -194,30 +194,10 @@ def plan(cfg: NightlyJobConfig, commits: list[Commit] | None = None) -> dict[str
     entries = list_archive(cfg.source, cfg.storage)
     # a rebuild recomputes this night's own images
     done = [committed_inputs(c, cfg.storage) for c in commits if c.run_date != night]
-    todo = unprocessed(entries, done)
+    todo = entries.not_in(done)
     return {"run_date": night, "partition": partition_url(cfg.output, night), "committed": mine,
             "entries": entries, "todo": todo, "num_done_before": len(entries) - len(todo),
             "num_commits": len(commits)}
-
-
-_KEY = ["source_path", "size", "version"]
-
-
-def unprocessed(entries: list[ArchiveEntry], done: list[pa.Table]) -> list[ArchiveEntry]:
-    """The entries whose (path, size, version) no committed night holds, in listing order: an
-    Arrow anti-join, so the committed nights' inputs stay in Arrow columns (tens of bytes per
-    object) instead of a Python set beside the listing."""
-    if not entries or not done:
-        return list(entries)
-    listed = pa.table({"source_path": pa.array([e.url for e in entries], pa.string()),
-                       "size": pa.array([e.size for e in entries], pa.int64()),
-                       "version": pa.array([e.version or "" for e in entries], pa.string()),
-                       "row": pa.array(range(len(entries)), pa.int64())})
-    key_schema = pa.schema([INPUTS_SCHEMA.field(k) for k in _KEY])
-    committed = pa.concat_tables([t.select(_KEY).cast(key_schema) for t in done])
-    committed = committed.set_column(2, "version", pc.fill_null(committed["version"], ""))
-    rows = listed.join(committed, keys=_KEY, join_type="left anti", use_threads=True)["row"]
-    return [entries[i] for i in sorted(rows.to_pylist())]
 
 
 def _already_committed(commit: Commit, t0: float) -> dict[str, Any]:
@@ -265,13 +245,11 @@ def run_nightly(cfg: NightlyJobConfig, init_ray: bool = True) -> dict[str, Any]:
     if todo:
         if init_ray:
             start_ray()
-        samples = [e.sample for e in todo]
-        workload.write(cfg, sink, samples, ckpt)
+        workload.write(cfg, sink, todo, ckpt)
     table = sink.rows(["status", "error"])
     status = table["status"].to_pylist()
     errors = [e for e, st in zip(table["error"].to_pylist(), status) if st != "ok"]
-    inputs = pa.table({"source_path": [e.url for e in todo], "image_id": [e.image_id for e in todo],
-                       "size": [e.size for e in todo], "version": [e.version for e in todo]}, schema=INPUTS_SCHEMA)
+    inputs = todo.table.select(INPUTS_SCHEMA.names).cast(INPUTS_SCHEMA)
     record = sink.commit({
         "task": family.name, "workload": cfg.workload, "run_date": p["run_date"], "started_at": started, "committed_at": _now(),
         "num_inputs": len(todo), "num_rows": table.num_rows, "num_ok": sum(st == "ok" for st in status),

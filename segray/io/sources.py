@@ -11,7 +11,6 @@ import csv
 import io
 import os
 import posixpath
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import fsspec
@@ -21,7 +20,8 @@ import pyarrow.parquet as pq
 
 from segray.config import SourceConfig, StorageOptions
 from segray.io.fs import Sample, get_fs, join, readable_path, real_path, scheme_of, to_url
-from segray.io.listing import listing_table, masks_by_stem, plain_urls, samples_of, stems, table_of, unique_ids, url_columns
+from segray.io.listing import (Archive, ArchiveEntry, listing_table, masks_by_stem, plain_urls, samples_of, stems,
+                               table_of, unique_ids, url_columns)
 
 # Extensions a mask may have, beyond source.extensions (masks are often PNG/TIFF next to JPEGs).
 _MASK_EXTENSIONS = {".png", ".tif", ".tiff", ".bmp", ".gif", ".jpg", ".jpeg", ".webp", ".jp2"}
@@ -257,24 +257,27 @@ def _python_rows(items: list[tuple[str, str]]) -> pa.Table:
                          url_columns(None for _ in items))
 
 
-def _manifest(source: SourceConfig, storage: StorageOptions | None) -> pa.Table:
+def _manifest(source: SourceConfig, storage: StorageOptions | None, versions: bool = False) -> pa.Table:
     assert source.manifest is not None
     url = source.manifest
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    rows = _manifest_table(url, storage)
+    rows = _manifest_table(url, storage, versions)
     if not rows.num_rows:
         raise FileNotFoundError(f"manifest lists no images: {url}")
     images = _resolved(rows["image"], url, base)
-    return _lister_table(plain_urls(images), _manifest_rels(images, base), plain_urls(_resolved(rows["mask"], url, base)))
+    table = _lister_table(plain_urls(images), _manifest_rels(images, base), plain_urls(_resolved(rows["mask"], url, base)))
+    return table.append_column("size", rows["size"]).append_column("version", rows["version"]) if versions else table
 
 
 # The one seam of inputs: a lister per kind of source, each giving a table of (image URL, its
 # relative path, its mask URL or "") in a stable order (see ``segray.io.listing`` for the URL
 # columns). A STAC catalog lists Samples itself (items made of several assets, see
 # ``segray.io.stac``); everything downstream reads the listing or Samples made from it.
-LISTERS: dict[str, Callable[[SourceConfig, Optional[StorageOptions]], pa.Table]] = {
-    "images": lambda source, storage: _python_rows(_folder(source, storage)),
-    "glob": lambda source, storage: _python_rows(_glob(source, storage)),
+# With ``versions``, a lister adds the ``size`` and ``version`` it knows without asking storage
+# (a manifest's inventory columns); the others leave them to ``list_archive``.
+LISTERS: dict[str, Callable[..., pa.Table]] = {
+    "images": lambda source, storage, versions=False: _python_rows(_folder(source, storage)),
+    "glob": lambda source, storage, versions=False: _python_rows(_glob(source, storage)),
     "manifest": _manifest,
 }
 
@@ -288,13 +291,14 @@ def first_url(rows: pa.Table) -> str:
     return real_path(rows["image"][0].as_py(), rows["image_path_bytes"][0].as_py())
 
 
-def listing(source: SourceConfig, storage: StorageOptions | None = None) -> pa.Table:
+def listing(source: SourceConfig, storage: StorageOptions | None = None, versions: bool = False) -> pa.Table:
     """What ``source`` names, as an Arrow table (``segray.io.listing.LISTING``), in listing order.
     Masks pair by the lister's own column (a manifest's) or else by file stem under ``masks``;
-    masks not found are "". Ids are computed over the whole listing, then ``limit`` applies."""
+    masks not found are "". Ids are computed over the whole listing, then ``limit`` applies.
+    With ``versions``, ``size`` and ``version`` columns follow (null where the lister knows none)."""
     if source.stac is not None:
         return table_of(list_samples(source, storage))
-    rows = LISTERS[source_kind(source)](source, storage)
+    rows = LISTERS[source_kind(source)](source, storage, versions=versions)
     ids = unique_ids(rows["rel"])
     mask = (rows["mask"], rows["mask_path_bytes"])
     if source.masks:
@@ -302,6 +306,10 @@ def listing(source: SourceConfig, storage: StorageOptions | None = None) -> pa.T
         own = pc.not_equal(rows["mask"], "")
         mask = (pc.if_else(own, mask[0], found[0]), pc.if_else(own, mask[1], found[1]))
     table = listing_table((rows["image"], rows["image_path_bytes"]), mask, ids)
+    if versions:
+        n = rows.num_rows
+        for name, kind in (("size", pa.int64()), ("version", pa.string())):
+            table = table.append_column(name, rows[name] if name in rows.column_names else pa.nulls(n, kind))
     return table.slice(0, source.limit) if source.limit else table
 
 
@@ -317,31 +325,6 @@ def list_samples(source: SourceConfig, storage: StorageOptions | None = None) ->
 
 
 # --------------------------------------------------------------------------- archives (nightly)
-
-
-@dataclass(frozen=True, slots=True)
-class ArchiveEntry:
-    """One image (or STAC item) of the archive as listed tonight."""
-
-    sample: Sample
-    size: int
-    version: str  # S3 ETag, else modification time; a STAC item's hash of updated + asset hrefs
-
-    @property
-    def url(self) -> str:
-        return self.sample.source_path
-
-    @property
-    def image_id(self) -> str:
-        return self.sample.image_id
-
-    @property
-    def mask(self) -> Optional[str]:
-        return self.sample.mask
-
-    @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.url, self.size, self.version)
 
 
 def _version(info: dict) -> str:
@@ -365,41 +348,36 @@ def _listing_root(source: SourceConfig) -> Optional[str]:
     return None  # manifest: entries can be anywhere
 
 
-def _manifest_versions(source: SourceConfig, storage: StorageOptions | None) -> dict[str, tuple[int, str]]:
-    """{image URL: (size, version)} of the manifest rows that list both (S3 Inventory style)."""
-    url = source.manifest
-    base = url.rsplit("/", 1)[0] if "/" in url else "."
-    rows = _manifest_table(url, storage, versions=True)
-    rows = rows.filter(pc.and_(pc.is_valid(rows["size"]), pc.is_valid(rows["version"])))
-    images = _resolved(rows["image"], url, base)
-    return {image: (int(size), version) for image, size, version in
-            zip(images.to_pylist(), rows["size"].to_pylist(), rows["version"].to_pylist())}
-
-
-def list_archive(source: SourceConfig, storage: StorageOptions | None = None) -> list[ArchiveEntry]:
-    """The images ``source`` names (the selection rules of ``list_samples``), each with its
-    size and version: a Parquet manifest's own columns where it has them (an S3 Inventory: no
-    request per object), else one recursive listing under the folder / glob base, and ``info``
-    for the rest (manifest entries without them)."""
-    samples = list_samples(source, storage)
-    if not samples:
-        return []
-    if source.stac is not None:  # items are versioned by their own metadata: no object listing
-        return [ArchiveEntry(s, 0, s.version or "") for s in samples]
-    fs, _ = get_fs(samples[0].image, storage)
-    listed = _manifest_versions(source, storage) if source.manifest else {}
+def _stat_missing(archive: pa.Table, source: SourceConfig, storage: StorageOptions | None) -> pa.Table:
+    """Size and version for the rows the listing gave none (no inventory columns): one
+    recursive listing under the folder / glob base, and ``info`` for the rest."""
+    need = pc.or_(pc.is_null(archive["size"]), pc.is_null(archive["version"]))
+    rows = pc.indices_nonzero(need).to_pylist()
+    if not rows:
+        return archive
+    images, raws = archive["image"].to_pylist(), archive["image_path_bytes"].to_pylist()
+    urls = [real_path(images[i], raws[i]) for i in rows]
+    fs, _ = get_fs(urls[0], storage)
     details: dict[str, dict] = {}
     root = _listing_root(source)
     if root:
         rfs, rpath = get_fs(root, storage)
         details = dict(rfs.find(rpath, detail=True, withdirs=False))
-    out = []
-    for s in samples:
-        if s.image in listed:
-            size, version = listed[s.image]
-        else:
-            path = fs._strip_protocol(s.image)
-            info = details.get(path) or fs.info(path)
-            size, version = int(info.get("size") or 0), _version(info)
-        out.append(ArchiveEntry(s, size, version))
-    return out
+    sizes, versions = archive["size"].to_pylist(), archive["version"].to_pylist()
+    for i, url in zip(rows, urls):
+        path = fs._strip_protocol(url)
+        info = details.get(path) or fs.info(path)
+        sizes[i], versions[i] = int(info.get("size") or 0), _version(info)
+    return archive.set_column(archive.schema.get_field_index("size"), "size", pa.array(sizes, pa.int64())) \
+        .set_column(archive.schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
+
+
+def list_archive(source: SourceConfig, storage: StorageOptions | None = None) -> Archive:
+    """The images ``source`` names (the selection rules of ``listing``), each with its size and
+    version, in columns: a Parquet manifest's own columns where it has them (an S3 Inventory: no
+    request per object), else the objects' (``_stat_missing``)."""
+    if source.stac is not None:  # items are versioned by their own metadata: no object listing
+        return Archive.of([ArchiveEntry(s, 0, s.version or "") for s in list_samples(source, storage)])
+    archive = listing(source, storage, versions=True)
+    archive = archive.append_column("source_path", archive["image"])  # the row key: the readable URL
+    return Archive(_stat_missing(archive, source, storage) if archive.num_rows else archive)

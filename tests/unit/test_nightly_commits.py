@@ -127,18 +127,17 @@ def test_a_night_with_nothing_new_commits_an_empty_partition_without_ray(tmp_pat
 def test_the_nightly_diff_is_an_anti_join_in_listing_order():
     import pyarrow as pa
 
-    from segray.infer.nightly import unprocessed
     from segray.infer.sinks import INPUTS_SCHEMA
     from segray.io.fs import Sample
-    from segray.io.sources import ArchiveEntry
+    from segray.io.listing import Archive, ArchiveEntry
 
-    entries = [ArchiveEntry(Sample(f"s3://b/{name}.tif", None, name), size, version)
-               for name, size, version in [("z", 1, "e1"), ("a", 2, "e2"), ("m", 3, ""), ("b", 4, "e4"), ("c", 5, "e5")]]
+    entries = Archive.of([ArchiveEntry(Sample(f"s3://b/{name}.tif", None, name), size, version)
+               for name, size, version in [("z", 1, "e1"), ("a", 2, "e2"), ("m", 3, ""), ("b", 4, "e4"), ("c", 5, "e5")]])
 
     def night(*rows):
         return pa.table({k: [r[i] for r in rows] for i, k in enumerate(INPUTS_SCHEMA.names)}, schema=INPUTS_SCHEMA)
 
     done = [night(("s3://b/z.tif", "z", 1, "e1"), ("s3://b/m.tif", "m", 3, None)),  # no version: the empty one
             night(("s3://b/b.tif", "b", 4, "old-etag"), ("s3://b/c.tif", "c", 99, "e5"))]  # changed since
-    assert [e.image_id for e in unprocessed(entries, done)] == ["a", "b", "c"]
-    assert unprocessed(entries, []) == entries and unprocessed([], done) == []
+    assert [e.image_id for e in entries.not_in(done)] == ["a", "b", "c"]
+    assert list(entries.not_in([])) == list(entries) and not len(Archive.of([]).not_in(done))

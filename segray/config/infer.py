@@ -125,10 +125,11 @@ class SceneRunConfig(TTAConfig, InstanceLimitsConfig, ActorPoolConfig):
     tile_size: int = Field(default=512, ge=32)
     overlap: int = Field(default=128, ge=0)
     margin: int = Field(default=32, ge=0, description="tile-edge pixels given ~0 weight (receptive-field radius)")
-    blend: Literal["cosine", "linear", "core"] = Field(
-        default="cosine", description="cosine/linear: tiles' probabilities blended over the overlaps; core: each "
+    blend: Literal["auto", "cosine", "linear", "core"] = Field(
+        default="auto", description="cosine/linear: tiles' probabilities blended over the overlaps; core: each "
         "pixel from the one tile whose core holds it, tiles passing on only their cores' class maps (under a byte "
-        "per pixel; exact when margin covers the receptive field)")
+        "per pixel; exact when margin covers the receptive field); auto: core where the margin covers the model's "
+        "known receptive-field radius (U-Net: 6 * 2**depth - 2), else cosine")
     tile_align: Optional[int] = Field(
         default=None, gt=0, description="tile offsets are multiples of this; None = the model's downsampling factor")
     block_size: int = Field(default=512, ge=128, description="output COG block = stitching block (multiple of 16)")

@@ -68,6 +68,23 @@ class Tile:
         r, c = self.core_row_off - self.row_off, self.core_col_off - self.col_off
         return (slice(r, r + self.core_height), slice(c, c + self.core_width))
 
+    @property
+    def alone_slices(self) -> tuple[slice, slice]:
+        """Slices (of the tile's own array) holding only pixels no other tile of the grid covers.
+        Cores split each overlap at its middle, so a neighbour reaches at most ``2 * inset + 1``
+        px into the tile where its core is ``inset`` px in from that edge (a core clipped to the
+        scene only makes the bound looser); empty where neighbours cover everything."""
+        top, left = self.core_row_off - self.row_off, self.core_col_off - self.col_off
+        bottom = self.row_off + self.height - self.core_row_off - self.core_height
+        right = self.col_off + self.width - self.core_col_off - self.core_width
+
+        def span(start_inset: int, end_inset: int, n: int) -> slice:
+            a = 2 * start_inset + 1 if start_inset else 0
+            b = n - (2 * end_inset + 1 if end_inset else 0)
+            return slice(a, max(a, b))
+
+        return span(top, bottom, self.height), span(left, right, self.width)
+
 
 def _axis(size: int, tile_size: int, stride: int) -> tuple[list[int], list[tuple[int, int]], int]:
     """Tile offsets, core (start, stop) per tile and tile length along one axis."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from segray.config import ConfigError, SceneInferJobConfig
 from segray.core.checkpoint import Checkpoint
+from segray.core.models import receptive_radius
 from segray.infer.families import family_of
 from segray.infer.scene_family import SceneFamily
 from segray.infer.scene_layout import (
@@ -223,6 +224,7 @@ def plan_scenes(cfg: SceneInferJobConfig, samples: list[Sample] | None = None) -
     ``samples``: the scenes, when the caller listed them (nightly); default ``cfg.source``'s.
     Returns the committed manifest instead when ``resume`` finds the run already complete."""
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
+    cfg = cfg.model_copy(update={"blend": scene_blend(cfg, ckpt.model_config)})  # the plan's cfg: resolved
     family = family_of(ckpt).scenes
     family.check(cfg)
     num_classes, in_channels = ckpt.num_classes, ckpt.in_channels
@@ -252,6 +254,16 @@ def plan_scenes(cfg: SceneInferJobConfig, samples: list[Sample] | None = None) -
     crss = {s.info.crs for s in plan.scenes.values()} - {None}  # scenes without a CRS get no polygons beside others
     plan.polygon_crs = None if not crss else next(iter(crss)) if len(crss) == 1 else MIXED_CRS
     return plan
+
+
+def scene_blend(cfg: SceneInferJobConfig, model_config: dict) -> str:
+    """``blend: auto`` resolved: ``core`` where the margin covers the model's receptive field
+    (every core pixel is then more than its radius from an inner tile edge: the untiled result,
+    with under a byte per pixel in the work area), else ``cosine``."""
+    if cfg.blend != "auto":
+        return cfg.blend
+    radius = receptive_radius(model_config)
+    return "core" if radius is not None and radius <= cfg.margin else "cosine"
 
 
 def finished_scenes(work: str, storage) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ from segray.core.models import (
     model_family,
     model_spec,
     num_output_channels,
+    receptive_radius,
     register_model,
     tile_align,
 )
@@ -56,6 +57,16 @@ def test_registry_and_config_union_agree():
     assert f"model.name: unknown model 'segformer'; available: {', '.join(sorted(MODELS))}" in str(err.value)
     with pytest.raises(ValueError, match=", ".join(sorted(MODELS))):
         model_spec("segformer")
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_unet_receptive_radius_is_what_the_input_gradient_shows(depth):
+    model = build_model(UNetConfig(num_classes=3, depth=depth, base_width=4)).eval()
+    x = torch.randn(1, 3, 192, 192, requires_grad=True)
+    model(x)[0, :, 96, 96].sum().backward()
+    seen = (x.grad[0].abs().sum(0) > 0).nonzero() - 96
+    assert int(seen.abs().max()) == receptive_radius(UNetConfig(depth=depth)) == 6 * 2**depth - 2
+    assert receptive_radius({"name": "fcn_resnet50"}) is None, "unknown: scenes blend"
 
 
 def test_specs_carry_family_and_align():

@@ -465,7 +465,7 @@ def test_chips_ignore_label_nodata_and_need_ignore_index(tmp_path):
 def test_scene_config_validation_and_examples():
     base = {"source": {"glob": "s3://b/*.tif"}, "checkpoint": "c", "output": "o"}
     cfg = build_config(SceneInferJobConfig, base, ["tile_size=256", "overlap=64", "margin=24"])
-    assert (cfg.tile_size, cfg.overlap, cfg.margin, cfg.blend) == (256, 64, 24, "cosine")
+    assert (cfg.tile_size, cfg.overlap, cfg.margin, cfg.blend) == (256, 64, 24, "auto")
     for bad, field in ((["overlap=512"], "overlap"), (["margin=64"], "margin"), (["block_size=200"], "block_size"),
                        (["blend=max"], "blend"), (["tile_szie=3"], "tile_szie")):
         with pytest.raises(ConfigError, match=field):
@@ -529,3 +529,15 @@ def test_pending_polygons_stay_bounded_when_regions_run_the_whole_scene():
     assert any(not p.whole for p in capped) and sum(p.pixels for p in capped) == cmap.sum()
     stripes = shapely.union_all([p.geom for p in capped])
     assert stripes.symmetric_difference(shapely.union_all([p.geom for p in exact])).area == 0
+
+
+def test_auto_blend_takes_cores_where_the_margin_covers_the_receptive_field():
+    from segray.infer.scene_plan import scene_blend
+
+    base = {"source": {"glob": "s3://b/*.tif"}, "checkpoint": "c", "output": "o", "overlap": 128}
+    unet = {"name": "unet", "num_classes": 3, "depth": 2}
+    for margin, model, want in ((22, unet, "core"), (21, unet, "cosine"), (46, {**unet, "depth": 3}, "core"),
+                                (32, {**unet, "depth": 3}, "cosine"), (60, {"name": "fcn_resnet50"}, "cosine")):
+        cfg = build_config(SceneInferJobConfig, {**base, "margin": margin})
+        assert scene_blend(cfg, model) == want, (margin, model)
+    assert scene_blend(build_config(SceneInferJobConfig, {**base, "blend": "linear"}), unet) == "linear"

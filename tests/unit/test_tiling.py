@@ -166,3 +166,22 @@ def test_streaming_blocks_equal_whole_scene_stitching():
         assert block.shape == (2, h, w)  # memory per block, not per scene
         out[:, r : r + h, c : c + w] = block
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(700, 900, 256, 64), (512, 1000, 256, 96), (300, 256, 256, 32),
+                                              (1100, 1100, 512, 128), (100, 90, 128, 32)])
+def test_alone_slices_hold_only_pixels_no_other_tile_covers(h, w, tile, overlap):
+    tiles = tile_grid(h, w, tile, overlap)
+    cover = np.zeros((h, w), np.int32)
+    for t in tiles:
+        cover[t.slices] += 1
+    for t in tiles:
+        rs, cs = t.alone_slices
+        once = cover[t.slices] == 1
+        assert once[rs, cs].all(), t
+        if not once.any():  # neighbours cover the whole tile
+            continue
+        # and the bound is tight: within a pixel of the true (rectangular) alone part on every side
+        rows, cols = np.flatnonzero(once.any(axis=1)), np.flatnonzero(once.any(axis=0))
+        assert rs.start - rows[0] <= 1 and rows[-1] + 1 - rs.stop <= 1, t
+        assert cs.start - cols[0] <= 1 and cols[-1] + 1 - cs.stop <= 1, t

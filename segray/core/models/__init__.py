@@ -9,6 +9,8 @@ a model without building it:
   ``"instance"`` (Mask R-CNN's list-of-images interface, see ``maskrcnn``);
 - ``align``: the output stride tile offsets must be multiples of for the pooling grids of
   neighbouring tiles to line up (scene tiling); an int, or a function of the config;
+- ``radius``: how far an output pixel sees (its receptive-field radius), where it is known: scene
+  stitching takes each pixel from one tile's core, exactly, when the margin covers it;
 - ``encoder``: where the model's encoder is (``model -> nn.Module``, or None for a model
   without one): what fine-tuning freezes, gives its own LR and whose BatchNorm it can freeze;
 - ``config``: the model's config class in ``segray.config`` (the config layer cannot import this
@@ -43,6 +45,11 @@ class ModelSpec:
     config: type[ModelConfig]
     handles_weights: bool = False  # the builder loads cfg.weights itself (Mask R-CNN: its own rules)
     encoder: EncoderOf | None = None  # None: no encoder that fine-tuning controls apply to
+    radius: Align | None = None  # receptive-field radius in px (a function of the config); None: unknown
+
+    def receptive_radius(self, cfg: ModelConfig) -> int | None:
+        """How far an output pixel sees (``radius`` for this config), None when not known."""
+        return None if self.radius is None else int(self.radius(cfg) if callable(self.radius) else self.radius)
 
     def output_align(self, cfg: ModelConfig) -> int:
         """``align`` for this config (U-Net: ``2**depth``)."""
@@ -53,8 +60,8 @@ MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, config: type[ModelConfig], family: Family | None = None, align: Align = 1,
-                   handles_weights: bool = False,
-                   encoder: EncoderOf | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
+                   handles_weights: bool = False, encoder: EncoderOf | None = None,
+                   radius: Align | None = None) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register the decorated builder as model ``name`` (``family`` defaults to the config class's)."""
     family = family or config.family
     if family != config.family:
@@ -63,7 +70,7 @@ def register_model(name: str, *, config: type[ModelConfig], family: Family | Non
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = ModelSpec(name, builder, family, align, config, handles_weights, encoder)
+        MODELS[name] = ModelSpec(name, builder, family, align, config, handles_weights, encoder, radius)
         return builder
 
     return decorator
@@ -89,6 +96,12 @@ def tile_align(model_config: ModelConfig | Mapping[str, Any]) -> int:
     """The factor tile offsets must be multiples of, for a config or a checkpoint's ``model_config``."""
     cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_checkpoint(model_config)
     return model_spec(cfg.name).output_align(cfg)
+
+
+def receptive_radius(model_config: ModelConfig | Mapping[str, Any]) -> int | None:
+    """The receptive-field radius of a config or a checkpoint's ``model_config``; None: unknown."""
+    cfg = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_checkpoint(model_config)
+    return model_spec(cfg.name).receptive_radius(cfg)
 
 
 def num_output_channels(cfg: ModelConfig) -> int:

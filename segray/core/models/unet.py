@@ -103,7 +103,10 @@ def unet_encoder(model: UNet) -> nn.Module:
 
 
 # Tile offsets align to the deepest pooling grid: 2**depth.
-@register_model("unet", family="semantic", align=lambda cfg: 2**cfg.depth, config=UNetConfig, encoder=unet_encoder)
+# radius: two 3x3 convs per level, in and out, at stride 2**level (input-gradient checked: 22 px at
+# depth 2, 46 at depth 3: tests/unit/test_models.py).
+@register_model("unet", family="semantic", align=lambda cfg: 2**cfg.depth, config=UNetConfig, encoder=unet_encoder,
+                radius=lambda cfg: 6 * 2**cfg.depth - 2)
 def build_unet(cfg: UNetConfig) -> UNet:
     return UNet(
         in_channels=cfg.in_channels,

@@ -4,7 +4,9 @@ The same stages for every model family; the checkpoint's family (:mod:`segray.in
 gives the rows, the steps, the row schema and the summary.
 
 Nothing is collected on the driver: rows stream from the source through the actor pool into
-Parquet files, and the summary is computed afterwards from a few small columns.
+Parquet files, and the summary is computed afterwards from a few small columns. The listing is
+an Arrow table (:func:`segray.io.sources.listing`, ~120 bytes per object) handed to Ray Data as
+it is, so a million-object manifest is a few hundred MB on the driver, not a Python object each.
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
         return {**sink.complete["record"], "status": "already committed"}
 
     t0 = time.perf_counter()
-    # Rows key on the readable form, the listing's ``image``.
-    todo = listed.filter(pc.invert(pc.is_in(listed["image"], value_set=pa.array(sorted(sink.done), pa.string()))))
+    # Rows key on the readable form, the listing's ``image``; without resumed rows, no copy.
+    todo = listed.filter(pc.invert(pc.is_in(listed["image"], value_set=pa.array(sorted(sink.done), pa.string())))) \
+        if sink.done else listed
     if todo.num_rows:
         start_ray()
         sink.write(build_dataset(cfg, todo, ckpt))

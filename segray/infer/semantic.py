@@ -23,6 +23,7 @@ from segray.infer.runs import PREDICTIONS, run_counts
 from segray.infer.steps import Predictor, encode
 from segray.io.fs import join, pyarrow_fs
 from segray.io.images import full_scale
+from segray.io.listing import LISTING
 from segray.io.reads import read_decode
 
 
@@ -30,7 +31,7 @@ def semantic_stages(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint) -> 
     if cfg.coco_json or cfg.class_masks:
         raise ConfigError("coco_json/class_masks: ground truth of instances needs an instance (Mask R-CNN) checkpoint")
     return ImageStages(
-        items=listed,  # the listing's columns are the rows' (segray.io.listing)
+        items=listed.select(LISTING.names),  # the listing's columns are the rows' (segray.io.listing)
         read=read_decode,
         read_kwargs={"storage": cfg.storage, "bands": ckpt.bands, "max_pixels": cfg.max_pixels,
                      "full_scale": full_scale(ckpt.band_stats), "out_of_range": cfg.out_of_range},

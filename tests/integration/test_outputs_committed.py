@@ -39,7 +39,10 @@ from scenes_util import make_checkpoint, write_unet_checkpoint
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
-WHERE = ["local", pytest.param("s3", marks=pytest.mark.s3)]
+# Each killed-run test on one kind of storage, the two kinds between them (CI time: each run is
+# a minute); the commit protocol's own rules are unit-tested in tests/unit/test_commit.py.
+S3_ONLY = [pytest.param("s3", marks=pytest.mark.s3)]
+LOCAL_ONLY = ["local"]
 
 
 @pytest.fixture
@@ -93,7 +96,7 @@ def _run_killed(script: str, cfg, tmp_path: Path, env: dict, ray, ready: Callabl
     return out
 
 
-@pytest.mark.parametrize("place", WHERE, indirect=True)
+@pytest.mark.parametrize("place", S3_ONLY, indirect=True)
 def test_killed_infer_commits_nothing_then_resume_and_overwrite_stay_whole(place, tmp_path, ray_up):
     root, storage, env = place
     images = [join(root, "images", f"img_{i:03d}.png") for i in range(40)]
@@ -143,7 +146,7 @@ def test_killed_infer_commits_nothing_then_resume_and_overwrite_stay_whole(place
 MEAN, STD = [1200.0, 1500.0, 1800.0, 2100.0], [900.0, 900.0, 900.0, 900.0]
 
 
-@pytest.mark.parametrize("place", WHERE, indirect=True)
+@pytest.mark.parametrize("place", LOCAL_ONLY, indirect=True)
 def test_killed_segment_scenes_commits_nothing_then_resume_finishes_each_scene_once(place, tmp_path, ray_up):
     root, storage, env = place
     local = tmp_path / "scenes"

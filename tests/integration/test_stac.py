@@ -110,11 +110,17 @@ def _check_items(a, out: str, rows: dict[str, dict], source_hrefs: dict[str, str
         assert mask.extra_fields["raster:bands"][0]["nodata"] == 255
 
 
-def test_api_search_segments_each_item_in_its_crs_and_writes_stac_items(archive):
+@pytest.fixture(scope="module")
+def api_run(archive):
+    """One segment-scenes run over the API's search (CI time: two tests read it)."""
+    out = f"s3://{archive['bucket']}/out-api"
+    return out, run_scenes(_scenes_config(archive, {"api": archive["server"].url, "collections": [sa.COLLECTION],
+                                                    "filter": "eo:cloud_cover < 20"}, out))
+
+
+def test_api_search_segments_each_item_in_its_crs_and_writes_stac_items(archive, api_run):
     a, server = archive, archive["server"]
-    out = f"s3://{a['bucket']}/out-api"
-    summary = run_scenes(_scenes_config(a, {"api": server.url, "collections": [sa.COLLECTION],
-                                            "filter": "eo:cloud_cover < 20"}, out))
+    out, summary = api_run
     rows = _rows(out, a["storage"])
     assert sorted(rows) == sorted(sa.GOOD + list(sa.BROKEN))  # the cloudy item is not searched
     assert summary["num_scenes"] == len(rows) and (summary["num_ok"], summary["num_error"]) == (2, 3)
@@ -151,10 +157,9 @@ def _vrt(a, sid: str) -> str:
     return next(s.image for s in stac_samples(cfg, a["storage"]) if s.image_id == sid)
 
 
-def test_a_static_catalog_on_s3_gives_the_same_result_as_the_api(archive):
+def test_a_static_catalog_on_s3_gives_the_same_result_as_the_api(archive, api_run):
     a = archive
-    api_out, cat_out = f"s3://{a['bucket']}/out-api2", f"s3://{a['bucket']}/out-catalog"
-    run_scenes(_scenes_config(a, {"api": a["server"].url, "filter": "eo:cloud_cover < 20"}, api_out))
+    (api_out, _), cat_out = api_run, f"s3://{a['bucket']}/out-catalog"
     run_scenes(_scenes_config(a, {"catalog": a["catalog"], "query": {"eo:cloud_cover": {"lt": 20}}}, cat_out))
     api_rows, cat_rows = _rows(api_out, a["storage"]), _rows(cat_out, a["storage"])
     assert sorted(api_rows) == sorted(cat_rows)

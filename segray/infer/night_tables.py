@@ -144,7 +144,8 @@ def run_table_night(cfg: NightlyJobConfig, ckpt: Checkpoint, init_ray: bool, t0:
              "started_at": started, "checkpoint": cfg.checkpoint, "checkpoint_id": ckpt.id,
              "model_name": ckpt.model_name, "num_inputs": len(todo), "archive_size": len(p["entries"]),
              "done_before": p["num_done_before"], "rebuild": cfg.rebuild}
-    sink = IcebergSink(cfg.table, cfg.storage, schema, [e.url for e in todo], props,
+    paths = todo.table["source_path"].to_pylist()
+    sink = IcebergSink(cfg.table, cfg.storage, schema, paths, props,
                        num_cpus=cfg.infer.cpus_per_task, expect={"run_date": night})
     sink.prepare()
     if todo:
@@ -152,8 +153,9 @@ def run_table_night(cfg: NightlyJobConfig, ckpt: Checkpoint, init_ray: bool, t0:
 
         if init_ray:
             start_ray()
-        meta: dict[Any, tuple[int, str]] = {e.url: (e.size, e.version) for e in todo}
-        meta.update({("id", e.image_id): (e.size, e.version) for e in todo})
+        listed = list(zip(todo.table["size"].to_pylist(), todo.table["version"].to_pylist()))
+        meta: dict[Any, tuple[int, str]] = dict(zip(paths, listed))
+        meta.update({("id", i): m for i, m in zip(todo.table["image_id"].to_pylist(), listed)})
         ds = build_dataset(cfg.infer_config(cfg.output), todo.listing(), ckpt)
         ds = ds.map_batches(_night_columns, fn_kwargs={"schema": schema, "night": night, "meta": meta},
                             batch_format="pyarrow", batch_size=None, num_cpus=cfg.infer.cpus_per_task)

@@ -82,8 +82,8 @@ def _child(what: str, manifest: str) -> None:
 
 def _first_predictions(workdir: Path, n: int, real: int) -> dict:
     """Runs ``jobs/infer.py`` on a manifest of ``n`` entries (the first ``real`` of them PNGs on
-    disk) against the running Ray cluster; stops it once a finished part file of predictions is
-    in the output. Returns the seconds to it and the driver's peak RSS and USS until then."""
+    disk), which starts a local Ray; stops it once a finished part file of predictions is in the
+    output. Returns the seconds to it and the driver's peak RSS and heap until then."""
     import psutil
 
     from infer_throughput import make_checkpoint, prepare_images
@@ -102,21 +102,35 @@ def _first_predictions(workdir: Path, n: int, real: int) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "infer.py"), str(config)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    rss = uss = 0
+    rss = anon = 0
     try:
         driver = psutil.Process(proc.pid)
         while proc.poll() is None and time.perf_counter() - t0 < 600:
-            mem = driver.memory_full_info()
-            rss, uss = max(rss, mem.rss), max(uss, mem.uss)
+            rss, anon = max(rss, driver.memory_info().rss), max(anon, _rss_anon(proc.pid))
             if _a_finished_part(out / "predictions"):
                 break
             time.sleep(0.1)
         first = time.perf_counter() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # Ctrl-C: the driver shuts down the local Ray it started
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    return {"n": n, "first_s": first, "rss": rss, "uss": uss}
+    return {"n": n, "first_s": first, "rss": rss, "anon": anon}
+
+
+def _rss_anon(pid: int) -> int:
+    """The process's own heap (RssAnon): RSS less mapped files and the object store's shared pages."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _a_finished_part(folder: Path) -> bool:
@@ -129,28 +143,23 @@ def _a_finished_part(folder: Path) -> bool:
 
 
 def first_predictions(n: int, real: int) -> None:
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            small, big = (_first_predictions(Path(tmp), k, real) for k in (real, n))
-    finally:
-        ray.shutdown()
-    print(f"\nsegray infer on a manifest of {n:,} (first {real:,} real PNGs), Ray already up, driver process:")
-    print(f"{'manifest rows':>14} {'s to first predictions':>23} {'peak RSS':>9} {'peak USS':>9}")
+    os.environ.pop("RAY_ADDRESS", None)  # each driver starts its own local Ray, as `segray infer` does
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        small, big = (_first_predictions(Path(tmp), k, real) for k in (real, n))
+    print(f"\nsegray infer on a manifest of {n:,} (first {real:,} real PNGs), Ray start included, driver process:")
+    print(f"{'manifest rows':>14} {'s to first predictions':>23} {'peak RSS':>9} {'peak heap':>10}")
     for r in (small, big):
-        print(f"{r['n']:>14,} {r['first_s']:>23.1f} {r['rss'] / 2**20:>7.0f}Mi {r['uss'] / 2**20:>7.0f}Mi")
+        print(f"{r['n']:>14,} {r['first_s']:>23.1f} {r['rss'] / 2**20:>7.0f}Mi {r['anon'] / 2**20:>8.0f}Mi")
     print(f"driver bytes per listed object (growth from {real:,} to {n:,} rows): "
-          f"RSS {(big['rss'] - small['rss']) / (n - real):.0f}, USS {(big['uss'] - small['uss']) / (n - real):.0f}")
+          f"RSS {(big['rss'] - small['rss']) / (n - real):.0f}, heap (RssAnon) {(big['anon'] - small['anon']) / (n - real):.0f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-objects", type=int, default=1_000_000)
     ap.add_argument("--first-predictions", action="store_true",
-                    help="also run segray infer on such a manifest to its first predictions (starts a local Ray)")
+                    help="also run segray infer on such a manifest to its first predictions (each run starts its "
+                         "own local Ray: run it on a quiet machine)")
     ap.add_argument("--real", type=int, default=2000, help="real images at the head of that manifest")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -11,6 +11,7 @@ it is, so a million-object manifest is a few hundred MB on the driver, not a Pyt
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -27,9 +28,26 @@ from segray.io.sources import listing
 from segray.runtime import model_runtime_env, start_ray
 
 
-# Listing blocks: a few batches each so that every actor is busy early, and at most this many,
-# so that a million-row listing is a few thousand puts, not one per batch.
-MAX_LISTING_BLOCKS = 4096
+# Rows per listing block, at most: a few thousand rows are ~1 MB of listing, so a million-row
+# listing is a few hundred blocks in the object store, not thousands of small objects in the
+# driver's own memory (Ray keeps objects under 100 KB in the owner's heap).
+MAX_BLOCK_ROWS = 8192
+
+
+def listing_blocks(n: int, batch_size: int, num_actors: int) -> list[int]:
+    """Rows per block of an ``n``-row listing: two batches first (fewer for a small listing: at
+    least four blocks per actor), doubling up to a cap. Small blocks first put predictions in
+    storage within seconds (a block's rows come out together); the cap, ``n / (16 * actors)``,
+    keeps enough blocks in flight to balance the actors to the end, and ``MAX_BLOCK_ROWS``
+    bounds a read task."""
+    first = max(1, min(batch_size * 2, math.ceil(n / (4 * num_actors))))
+    cap = max(first, min(MAX_BLOCK_ROWS, math.ceil(n / (16 * num_actors))))
+    sizes, size = [], first
+    while n > 0:
+        sizes.append(min(size, n))
+        n -= sizes[-1]
+        size = min(size * 2, cap)
+    return sizes
 
 
 def build_dataset(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint):
@@ -40,13 +58,12 @@ def build_dataset(cfg: InferJobConfig, listed: pa.Table, ckpt: Checkpoint):
     from ray.data import ActorPoolStrategy
 
     stages = family_of(ckpt).image_stages(cfg, listed, ckpt)
-    n = len(stages.items)
-    blocks = max(1, min(n, MAX_LISTING_BLOCKS, max(cfg.num_actors * 4, math.ceil(n / (cfg.batch_size * 2)))))
+    sizes = listing_blocks(len(stages.items), cfg.batch_size, cfg.num_actors) or [0]
     if isinstance(stages.items, pa.Table):  # Arrow all the way: no Python object per row on the driver
-        step = math.ceil(n / blocks)
-        ds = ray.data.from_arrow([stages.items.slice(i, step) for i in range(0, n, step)])
+        starts = itertools.accumulate(sizes, initial=0)
+        ds = ray.data.from_arrow([stages.items.slice(start, size) for start, size in zip(starts, sizes)])
     else:
-        ds = ray.data.from_items(stages.items, override_num_blocks=blocks)
+        ds = ray.data.from_items(stages.items, override_num_blocks=len(sizes))
     ds = ds.map_batches(stages.read, fn_kwargs=stages.read_kwargs, batch_size=cfg.batch_size,
                         num_cpus=cfg.cpus_per_task)
     ds = ds.map_batches(
@@ -69,6 +86,7 @@ def run_inference(cfg: InferJobConfig) -> dict[str, Any]:
     # Everything that can fail fast does so before any cluster work.
     ckpt = open_checkpoint(cfg.checkpoint, cfg.storage)
     listed = listing(cfg.source, cfg.storage)
+    pa.default_memory_pool().release_unused()  # the listing's intermediate columns: ~2x the listing itself
     from segray.infer.iceberg import IcebergSink  # the sink: an Iceberg table with `table:`, else the folder
     sink = IcebergSink.for_infer(cfg, ckpt, listed) if cfg.table is not None else ParquetFolderSink(
         cfg.output, cfg.storage, listed["image"], overwrite=cfg.overwrite, resume=cfg.resume,

@@ -88,3 +88,16 @@ def test_rows_are_verified_in_columns():
                       (pa.concat_arrays([want[:-1], pa.array(["s3://b/x.png"])]), "1 unexpected")):
         with pytest.raises(RuntimeError, match=kind):
             verify_rows(pa.table({"source_path": got}), want)
+
+
+@pytest.mark.parametrize("n,batch,actors", [(5, 16, 2), (40, 2, 1), (1000, 16, 2), (10_000, 16, 2), (1_000_000, 8, 1)])
+def test_listing_blocks_start_small_and_grow_to_a_cap(n, batch, actors):
+    from segray.infer.pipeline import MAX_BLOCK_ROWS, listing_blocks
+
+    sizes = listing_blocks(n, batch, actors)
+    assert sum(sizes) == n and all(s > 0 for s in sizes)
+    assert sizes[0] <= 2 * batch, "the first predictions come after two batches"
+    assert len(sizes) >= min(n, 4 * actors), "every actor has blocks to take"
+    assert max(sizes) <= max(2 * batch, MAX_BLOCK_ROWS) and sizes == sorted(sizes[:-1]) + sizes[-1:]
+    if n >= 1_000_000:
+        assert len(sizes) < 200, "a million rows are a few hundred objects, not thousands"

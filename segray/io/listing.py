@@ -63,6 +63,12 @@ def masks_by_stem(stem: pa.Array, index: dict[str, str], suffix: str) -> tuple[p
     return pc.fill_null(readable.take(at), ""), pc.fill_null(raw.take(at), b"")
 
 
+def lister_table(image: tuple, rel, mask: tuple) -> pa.Table:
+    """What a lister gives: the image's URL columns, its path relative to the source, its mask's."""
+    return pa.table({"image": image[0], "image_path_bytes": image[1], "rel": rel,
+                     "mask": mask[0], "mask_path_bytes": mask[1]})
+
+
 def listing_table(image: tuple[pa.Array, pa.Array], mask: tuple[pa.Array, pa.Array], ids: pa.Array) -> pa.Table:
     return pa.Table.from_arrays([image[0], image[1], mask[0], mask[1], pc.cast(ids, pa.string())], schema=LISTING)
 

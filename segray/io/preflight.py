@@ -210,7 +210,7 @@ def first_image(source: SourceConfig, storage: StorageOptions | None = None, fie
     if kind == "manifest" and not _fs_call(lambda: fs.exists(path), url, fld):
         raise PreflightError(f"{fld}: {url} not found")
     try:
-        rows = LISTERS[kind](source, storage)
+        rows = LISTERS[kind](source, storage, head=1)  # a manifest's first row, not all of it
     except PreflightError:
         raise
     except FileNotFoundError as exc:

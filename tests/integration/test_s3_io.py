@@ -15,6 +15,7 @@ from rasterio.io import MemoryFile
 
 from segray.config import SourceConfig, StorageOptions
 from segray.io import fs as sfs
+from segray.io.preflight import first_image
 from segray.io.sources import list_samples
 from segray.io.images import decode_image, decode_mask
 
@@ -112,6 +113,8 @@ def test_csv_manifest(root):
     # A plain one-path-per-line TXT works too.
     sfs.write_bytes(f"{base}/list.txt", b"images/a.png\nimages/c.JPG\n", storage)
     assert _ids(list_samples(SourceConfig(manifest=f"{base}/list.txt", limit=1), storage)) == ["images/a"]
+    # The preflight reads the first rows only (ranged reads of the object), and resolves them the same way.
+    assert first_image(SourceConfig(manifest=f"{base}/list.csv"), storage) == f"{base}/images/sub/b.tif"
 
 
 def test_parquet_manifest(root):
@@ -125,6 +128,7 @@ def test_parquet_manifest(root):
         (f"{base}/images/a.png", f"{base}/masks/a_m.png"),
         (f"{base}/images/sub/b.tif", None),
     ]
+    assert first_image(SourceConfig(manifest=f"{base}/list.parquet"), storage) == f"{base}/images/a.png"
 
 
 def test_missing_or_empty_sources_name_the_path(root):

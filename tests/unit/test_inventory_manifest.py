@@ -62,3 +62,32 @@ def test_a_large_listing_is_linear_and_exact(tmp_path):
     samples = list_samples(SourceConfig(manifest=str(tmp_path / "m.parquet")))
     assert len(samples) == n and len({s.image_id for s in samples}) == n
     assert samples[0].image == str(tmp_path / keys[0]) and samples[-1].image_id == keys[-1][:-4]
+
+
+def test_the_preflight_reads_a_manifests_first_rows_not_all_of_it(tmp_path):
+    """The check before Ray starts looks at a manifest's first image only: a million-row inventory
+    is read once, by the listing. Shown on real files whose tail is unreadable: the head read
+    gives the first image, and the whole read fails on the tail."""
+    import pytest
+
+    from segray.io.preflight import first_image
+    from segray.io.sources import listing
+
+    keys = [f"img/{i:05d}.tif" for i in range(5000)]
+    pq.write_table(pa.table({"key": keys}), tmp_path / "inv.parquet", row_group_size=1000, compression="none")
+    last = pq.ParquetFile(tmp_path / "inv.parquet").metadata.row_group(4).column(0)
+    data = bytearray((tmp_path / "inv.parquet").read_bytes())
+    start = last.dictionary_page_offset or last.data_page_offset
+    data[start:start + last.total_compressed_size] = b"\xff" * last.total_compressed_size  # the last row group only
+    (tmp_path / "inv.parquet").write_bytes(bytes(data))
+    src = SourceConfig(manifest=str(tmp_path / "inv.parquet"))
+    assert first_image(src) == str(tmp_path / "img/00000.tif")
+    with pytest.raises(OSError):
+        listing(src)
+
+    head = "image\n" + "".join(f"img/{i:05d}.png\n" for i in range(20000))  # ~300 KB of good rows
+    (tmp_path / "m.csv").write_bytes(head.encode() + b"img/\xff\xfe.png\n")  # then bytes no UTF-8 decodes
+    src = SourceConfig(manifest=str(tmp_path / "m.csv"))
+    assert first_image(src) == str(tmp_path / "img/00000.png")
+    with pytest.raises(UnicodeDecodeError):
+        listing(src)

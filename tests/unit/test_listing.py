@@ -13,7 +13,8 @@ import pytest
 from segray.config import SourceConfig
 from segray.infer.sinks import verify_rows
 from segray.io.listing import samples_of, stems, table_of, unique_ids
-from segray.io.sources import _resolve, list_samples, listing
+from segray.io.manifests import _resolve
+from segray.io.sources import list_samples, listing
 
 NAMES = ["a.png", "a.tif", "b.tar.gz", ".hidden", "..b", "dir.v2/c", "dir/.d.png", "e.", "f", "x/y/z.JPG",
          "g..h", "./i.png", "caf\u00e9.png"]

@@ -49,7 +49,7 @@ from segray.demo.scenes import DEMO_CLASSES, make_scene
 from segray.infer.steps import OUTPUT_SCHEMA, open_checkpoint
 from segray.io.sources import list_samples
 from segray.io.images import decode_image
-from segray.runtime import keep_freed_memory
+from segray.runtime import keep_freed_memory, use_node_env
 
 # Piped output (a log, the README) gets a fixed width instead of rich's 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=132)
@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg_kwargs[key] = yaml.safe_load(raw)
     InferJobConfig(source=SourceConfig(images=str(images)), output="x", **cfg_kwargs)  # fail fast on a bad --set
 
+    use_node_env(args.ray_cpus)  # the idle-worker limit segray gives the local Ray it starts
     ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=torch.cuda.device_count() if gpus else 0,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     console.print(f"N={n} images {args.size}x{args.size}, U-Net depth {args.depth} width {args.base_width}, "

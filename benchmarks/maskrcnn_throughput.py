@@ -39,6 +39,7 @@ from segray.demo.instance_scenes import INSTANCE_DEMO_CLASSES, make_instance_sce
 from segray.infer.instance import InstancePredictor
 from segray.io.sources import list_samples
 from segray.io.images import decode_image
+from segray.runtime import use_node_env
 
 sys.path.insert(0, str(Path(__file__).parent))  # the U-Net benchmark's helpers
 from infer_throughput import save_random_checkpoint  # noqa: E402
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print("model-only ...")
     mo = model_only(ckpt, files, args.batch_size, device)
     console.print(f"  {mo['rate']:.3f} img/s")
+    use_node_env(args.ray_cpus)  # the idle-worker limit segray gives the local Ray it starts
     ray.init(address="local", num_cpus=args.ray_cpus, num_gpus=torch.cuda.device_count() if gpus else 0,
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     console.print("pipeline ...")

@@ -221,6 +221,9 @@ def run_one(args, size: int, checkpoint: str, band_rows: int) -> dict:
         min_polygon_pixels=64, overwrite=True, gdal_cache_mb=args.gdal_cache_mb, band_rows=band_rows,
         blend=args.blend, keep_work=True,  # to size the intermediate data; removed below
     )
+    from segray.runtime import use_node_env
+
+    use_node_env(args.num_cpus)  # the idle-worker limit segray gives the local Ray it starts
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with Sampler(args.sample_interval) as sampler:

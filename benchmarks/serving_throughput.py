@@ -44,7 +44,7 @@ from segray.infer.runtimes import EagerRuntime, OrtRuntime  # noqa: E402
 from segray.infer.steps import open_checkpoint  # noqa: E402
 from segray.io.images import decode_image  # noqa: E402
 from segray.io.sources import list_samples  # noqa: E402
-from segray.runtime import keep_freed_memory  # noqa: E402
+from segray.runtime import keep_freed_memory, use_node_env  # noqa: E402
 
 TTA = ["hflip", "vflip", "rot90"]
 
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = model_configs(args.models)
     if "smp" in args.models and not any(k.startswith("smp") for k in cfgs):
         console.print("smp is not registered in segray.core.models: only U-Net is measured")
+    use_node_env(args.ray_cpus)  # the idle-worker limit segray gives the local Ray it starts
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     results = {}

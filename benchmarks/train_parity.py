@@ -56,7 +56,7 @@ from rich.table import Table
 from segray.config import ModelConfig
 from segray.core.models import build_model
 from segray.demo.scenes import write_demo_dataset
-from segray.runtime import keep_freed_memory
+from segray.runtime import keep_freed_memory, use_node_env
 
 console = Console() if sys.stdout.isatty() else Console(width=132)
 
@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     for h in logging.getLogger("ray.data").handlers:  # its per-dataset INFO lines: to its log file only
         if getattr(h, "stream", None) in (sys.stdout, sys.stderr):
             h.setLevel(logging.WARNING)
+    use_node_env(args.ray_cpus)  # the idle-worker limit segray gives the local Ray it starts
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

@@ -52,6 +52,26 @@ def keep_freed_memory() -> bool:
 
 # --------------------------------------------------------------------------- Ray and its output
 
+
+def node_env(num_cpus: float | None = None) -> dict[str, str]:
+    """Settings for a Ray node that runs segray's pipelines; its raylet reads them when it starts.
+
+    The raylet kills an idle worker after 1 s once the node has more workers than
+    ``num_workers_soft_limit`` (default: its CPU count), and actors count. Two predictor actors
+    and Ray Data's own two on a 2-CPU node are already over it, so every 0.5-CPU read or encode
+    task worker was killed between blocks and started again (Python, Ray, torch imports: about
+    a CPU second each; 11 worker processes for 1,000 images, benchmarks/README.md). The limit
+    here keeps the workers that fractional-CPU tasks and actors need: two per CPU, and a few."""
+    cpus = int(num_cpus or os.cpu_count() or 1)
+    return {"RAY_num_workers_soft_limit": str(2 * cpus + 4)}
+
+
+def use_node_env(num_cpus: float | None = None) -> None:
+    """``node_env`` for the local Ray that ``ray.init`` may start from this process (its raylet
+    inherits the environment; a caller's own values win)."""
+    for key, value in node_env(num_cpus).items():
+        os.environ.setdefault(key, value)
+
 VERBOSE_ENV = "SEGRAY_RAY_LOGS"  # "1": Ray's own output on the terminal (`segray --verbose`)
 LOG_FILE_ENV = "SEGRAY_LOG_FILE"  # where Ray's output goes otherwise (default: log_path())
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")
@@ -183,6 +203,7 @@ def start_ray() -> None:
     if ray.is_initialized():
         logging.getLogger("ray").setLevel(logging.WARNING)
         return
+    use_node_env()
     if verbose():
         ray.init(log_to_driver=True)
         return

@@ -46,7 +46,10 @@ def shared_data() -> Path:
 def _start_local_ray() -> None:
     import ray
 
+    from segray.runtime import use_node_env
+
     if not ray.is_initialized():
+        use_node_env(2)  # the idle-worker limit of the local Ray a job starts (segray.runtime.node_env)
         # Fractional CPUs everywhere in segray, so 2 CPUs run train workers and data tasks together.
         # address="local": never join a cluster that another test (or person) started with `ray start`.
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

@@ -147,9 +147,13 @@ trap cleanup_on_error EXIT
 # including Ray worker processes that get their own process groups.
 # The node's processes (and job drivers without a working_dir) inherit its cwd: the
 # state dir, the same wherever start.sh was called from.
-start_node() {  # name, ray start args...
-  local name=$1; shift
+# RAY_num_workers_soft_limit: the raylet keeps this many idle workers before killing them after
+# 1 s (default: its CPU count, and actors count), so with actor pools every fractional-CPU task
+# worker was killed between blocks and restarted; segray.runtime.node_env gives the same rule.
+start_node() {  # name, CPUs, ray start args...
+  local name=$1 cpus=$2; shift 2
   cd "$STATE_DIR"
+  RAY_num_workers_soft_limit=${RAY_num_workers_soft_limit:-$((2 * cpus + 4))} \
   setsid --wait bash -c 'echo $$ > "$0"; exec "$@"' "$STATE_DIR/$name.sid" \
     timeout "$TIMEOUT" "$RAY" start --disable-usage-stats --num-gpus=0 "${OBJ_ARGS[@]}" "$@" \
     >"$STATE_DIR/$name.log" 2>&1 9>&-   # the nodes must not hold the state-dir lock
@@ -162,7 +166,7 @@ echo "start.sh: head (GCS :$GCS_PORT, dashboard 127.0.0.1:$DASHBOARD_PORT, $HEAD
 # to every address "127.0.0.1:<port>" a worker or driver is given. So the head lives at
 # that IP (127.0.0.1 only on a machine without one), its GCS listens on all interfaces
 # and 127.0.0.1:<port> reaches it; the workers get the other loopback addresses.
-start_node head --head \
+start_node head "$HEAD_CPUS" --head \
   --port="$GCS_PORT" \
   --temp-dir="$STATE_DIR/head" \
   --num-cpus="$HEAD_CPUS" --resources='{"segray_head": 1}' \
@@ -173,7 +177,7 @@ pids=()
 for ((i = 1; i <= NUM_WORKERS; i++)); do
   ip=127.0.0.$((i + 1))
   echo "start.sh: worker$i $ip ($WORKER_CPUS CPU)"
-  start_node "worker$i" --address="127.0.0.1:$GCS_PORT" \
+  start_node "worker$i" "$WORKER_CPUS" --address="127.0.0.1:$GCS_PORT" \
     --node-ip-address="$ip" \
     --temp-dir="$STATE_DIR/worker$i" \
     --num-cpus="$WORKER_CPUS" --resources="{\"segray_worker\": 1, \"segray_worker$i\": 1}" \

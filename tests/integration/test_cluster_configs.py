@@ -324,6 +324,22 @@ def test_object_storage_credentials_come_from_secrets():
                         assert "secretKeyRef" in e.get("valueFrom", {}), f"{where}: {e['name']} not from a Secret"
 
 
+def test_worker_nodes_keep_the_workers_segray_needs():
+    """Every node that runs segray's tasks and actors (CPUs > 0) gets segray.runtime.node_env's
+    idle-worker limit for its CPU limit; the head (num-cpus 0) runs drivers only."""
+    from segray.runtime import node_env
+
+    for where, spec in _cluster_specs():
+        for g in spec["workerGroupSpecs"]:
+            for c in g["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                cpus = float(c["resources"]["limits"]["cpu"])
+                assert env.get("RAY_num_workers_soft_limit") == node_env(cpus)["RAY_num_workers_soft_limit"], where
+    launcher = LAUNCHER.read_text()
+    assert launcher.count("RAY_num_workers_soft_limit=$((2 * $(nproc) + 4)) ray start") == 2
+    assert node_env(7) == {"RAY_num_workers_soft_limit": "18"}
+
+
 def test_raycronjob_schedule():
     doc = _docs(KUBERAY / "raycronjob-nightly.yaml")[0]
     assert doc["spec"]["schedule"] == "0 2 * * *"

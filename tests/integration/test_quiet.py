@@ -78,3 +78,29 @@ def test_verbose_brings_ray_output_back(tmp_path, job):
     assert "inference summary" in text
     assert any(m in text for m in RAY_DATA_MARKERS), "--verbose: no Ray Data output on the terminal"
     assert "Ray logs:" not in text
+
+
+RAYLET_ENV = """
+import psutil, ray
+from segray.runtime import node_env, start_ray
+start_ray()
+raylet = next(p for p in psutil.Process().children(recursive=True) if p.name() == "raylet")
+print(raylet.environ().get("RAY_num_workers_soft_limit"), node_env()["RAY_num_workers_soft_limit"])
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("own", [None, "3"])
+def test_the_local_ray_keeps_the_workers_pipelines_need(tmp_path, own):
+    """The local Ray that a job starts gets ``node_env``'s idle-worker limit (read by its raylet
+    when it starts; with the default, fractional-CPU task workers were killed between blocks),
+    unless the caller set one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_num_workers_soft_limit")}
+    env.update(SEGRAY_LOG_FILE=str(tmp_path / "segray.log"), RAY_AUTH_MODE="disabled")
+    if own:
+        env["RAY_num_workers_soft_limit"] = own
+    proc = subprocess.run([sys.executable, "-c", RAYLET_ENV], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen, rule = proc.stdout.split()[-2:]
+    assert seen == (own or rule) and int(rule) == 2 * os.cpu_count() + 4

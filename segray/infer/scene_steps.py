@@ -3,7 +3,8 @@
 A scene is never held whole by any step:
 
 1. ``read_tiles``: a *chunk row* (one scene, a range of tile indices) -> one row per tile with
-   its pixels, read windowed with rasterio (``float32 [C, T, T]``) and a ``valid`` mask.
+   its pixels, read windowed with rasterio (``[C, T, T]`` in the job's one type: the scenes' own
+   8- or 16-bit integers, else float32; the actor converts) and a ``valid`` mask.
 2. ``TileProbabilities`` (actor): per-tile class probabilities, ``float16 [K, T, T]``
    (``K = 1`` for a one-logit binary model, else one channel per class). Nodata pixels are
    replaced by the band mean before normalisation, so they do not disturb their neighbours.
@@ -56,8 +57,8 @@ def model_align(model_config: dict) -> int:
 # --------------------------------------------------------------------------- 1. read
 
 
-def _placeholder(bands: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.zeros((max(bands, 1), 1, 1), np.float32), np.zeros((1, 1), np.uint8)
+def _placeholder(bands: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((max(bands, 1), 1, 1), dtype), np.zeros((1, 1), np.uint8)
 
 
 def read_tiles(
@@ -68,10 +69,12 @@ def read_tiles(
     nodata: float | None = None,
     env: dict | None = None,
     gdal_cache_mb: int | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Chunk rows (scene fields + ``tile_start``/``tile_stop``) -> one row per tile with pixels.
 
-    ``bands`` are 1-based (GDAL). A tile that cannot be read becomes an error row.
+    ``bands`` are 1-based (GDAL). Pixels are ``dtype``, the job's one type
+    (:func:`segray.io.raster.tile_dtype`). A tile that cannot be read becomes an error row.
     """
     limit_gdal_cache(gdal_cache_mb)
     out: dict[str, list] = {k: [] for k in (
@@ -87,10 +90,11 @@ def read_tiles(
             tile = tiles[j]
             status, error = "ok", ""
             try:
-                pixels, valid = read_window(str(batch["url"][i]), tile.window, bands=bands, nodata=nodata, env=env)
+                pixels, valid = read_window(str(batch["url"][i]), tile.window, bands=bands, nodata=nodata, env=env,
+                                            dtype=dtype)
                 valid = valid.astype(np.uint8)
             except Exception as exc:  # a bad read is an error row; the scene is reported, the job goes on
-                (pixels, valid), status, error = _placeholder(nbands), "error", f"read: {type(exc).__name__}: {exc}"
+                (pixels, valid), status, error = _placeholder(nbands, dtype), "error", f"read: {type(exc).__name__}: {exc}"
             # the core, clipped to the real scene (cores partition the virtual extent)
             r0, c0 = tile.core_row_off, tile.core_col_off
             r1, c1 = min(r0 + tile.core_height, h), min(c0 + tile.core_width, w)
@@ -132,7 +136,7 @@ class TileProbabilities(Predictor):
         """Same-shape tiles go through the model together; nodata pixels are set to the band mean."""
         results: list[np.ndarray | None] = [None] * len(images)
         for chunk in same_shape_chunks(images, self.max_batch):
-            x = torch.from_numpy(np.stack([images[i] for i in chunk]))
+            x = torch.from_numpy(np.stack([images[i] for i in chunk]).astype(np.float32, copy=False))
             if valid is not None:
                 ok = torch.from_numpy(np.stack([np.asarray(valid[i], bool) for i in chunk]))[:, None]
                 x = torch.where(ok, x, self.mean)

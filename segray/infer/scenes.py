@@ -61,6 +61,7 @@ from segray.infer.scene_plan import (
 )
 from segray.infer.scene_steps import TILE_SCHEMA, read_tiles
 from segray.io.fs import join
+from segray.io.raster import tile_dtype
 from segray.runtime import model_runtime_env, start_ray
 
 __all__ = ["SCENE_SCHEMA", "build_tile_dataset", "run_scenes", "stream_tiles", "summarize",
@@ -203,9 +204,9 @@ def stream_tiles(plan: ScenesPlan, t_start: float, on_progress: Callable[[str], 
     num_tiles = 0
     try:
         if plan.chunks:
-            for batch in build_tile_dataset(cfg, plan.chunks, plan.ckpt, plan.bands, plan.env).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
+            dtype = tile_dtype([s.info for s in plan.scenes.values()], plan.bands)
+            tiles = build_tile_dataset(cfg, plan.chunks, plan.ckpt, plan.bands, plan.env, dtype)
+            for batch in tiles.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if tile_writer is not None:
                     tile_writer.write_table(batch.cast(TILE_SCHEMA))
                 num_tiles += batch.num_rows
@@ -237,8 +238,9 @@ def _count_tiles(batch, tallies: dict[str, SceneTally], plan: ScenesPlan, queue:
 
 
 def build_tile_dataset(cfg: SceneInferJobConfig, chunks: list[dict], ckpt: Checkpoint, bands: list[int] | None,
-                       env: dict):
-    """The lazy Ray Dataset of per-tile rows (``TILE_SCHEMA``); blobs are written as a side effect."""
+                       env: dict, dtype: str = "float32"):
+    """The lazy Ray Dataset of per-tile rows (``TILE_SCHEMA``); blobs are written as a side effect.
+    Tiles carry pixels as ``dtype`` (one for the job: ``segray.io.raster.tile_dtype``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -249,7 +251,7 @@ def build_tile_dataset(cfg: SceneInferJobConfig, chunks: list[dict], ckpt: Check
     ds = ds.map_batches(
         read_tiles,
         fn_kwargs={"tile_size": cfg.tile_size, "overlap": cfg.overlap, "bands": bands, "nodata": cfg.nodata, "env": env,
-                   "gdal_cache_mb": cfg.gdal_cache_mb},
+                   "gdal_cache_mb": cfg.gdal_cache_mb, "dtype": dtype},
         batch_size=1,  # one chunk row -> batch_size tiles
         num_cpus=cfg.cpus_per_task,
     )

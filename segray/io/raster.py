@@ -42,13 +42,14 @@ class RasterInfo:
     height: int
     width: int
     count: int
-    dtype: str
+    dtype: str  # of band 1
     crs: str | None  # "EPSG:xxxx" when GDAL finds an authority code, else WKT
     transform: tuple[float, float, float, float, float, float]  # affine a, b, c, d, e, f
     nodata: float | None
     bounds: tuple[float, float, float, float]  # left, bottom, right, top
     block_shapes: tuple[tuple[int, int], ...]  # (rows, cols) per band
     overviews: tuple[int, ...]  # decimation factors of band 1
+    dtypes: tuple[str, ...] = ()  # per band
 
 
 def gdal_path(url: str) -> str:
@@ -138,6 +139,7 @@ def _info(url: str, ds) -> RasterInfo:
         bounds=tuple(ds.bounds),
         block_shapes=tuple(tuple(b) for b in ds.block_shapes),
         overviews=tuple(ds.overviews(1)),
+        dtypes=tuple(ds.dtypes),
     )
 
 
@@ -149,10 +151,11 @@ def read_window(
     fill: float = 0.0,
     nodata: float | None = None,
     env: dict[str, Any] | None = None,
+    dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``window`` as ``float32 [C, h, w]`` plus ``valid bool [h, w]``.
+    """Read ``window`` as ``dtype [C, h, w]`` plus ``valid bool [h, w]``.
 
-    A pixel is invalid when any band equals the nodata value (``nodata`` overrides the file's,
+    ``dtype`` must hold the file's values (see :func:`tile_dtype`). A pixel is invalid when any band equals the nodata value (``nodata`` overrides the file's,
     for files that lack the tag), when the dataset mask/alpha excludes it, or when it lies
     outside the scene (boundless reads: filled with ``fill``).
     """
@@ -161,7 +164,7 @@ def read_window(
         raise ValueError(f"window must be non-empty, got {window}")
     ds = _dataset(url, env)
     indexes = list(bands) if bands else list(range(1, ds.count + 1))
-    out = np.full((len(indexes), h, w), fill, np.float32)
+    out = np.full((len(indexes), h, w), fill, dtype)
     valid = np.zeros((h, w), bool)
     r0, c0 = max(row_off, 0), max(col_off, 0)
     r1, c1 = min(row_off + h, ds.height), min(col_off + w, ds.width)
@@ -184,6 +187,21 @@ def read_window(
     out[(slice(None), *dst)] = data
     valid[dst] = ok
     return out, valid
+
+
+def tile_dtype(infos: list[RasterInfo], bands: list[int] | None = None, fill: float = 0.0) -> str:
+    """One pixel type for every tile of a job over these scenes (``bands``: 1-based, else all):
+    their common type where it is an integer of 8 or 16 bits (exact in float32, a quarter or half
+    of its bytes between processes; the model's process converts), else float32. One type for
+    all, because Ray Data joins tiles of several scenes into one batch, and a tensor column has
+    one type."""
+    types = [t for info in infos for t in ([info.dtypes[b - 1] for b in bands] if bands else info.dtypes)]
+    if not types:
+        return "float32"
+    common = np.result_type(*types)
+    fits = common.kind in "ui" and common.itemsize <= 2 and fill == int(fill) \
+        and np.iinfo(common).min <= fill <= np.iinfo(common).max  # the boundless fill too
+    return common.name if fits else "float32"
 
 
 def _check_blocksize(blocksize: int) -> None:

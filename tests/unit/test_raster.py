@@ -23,6 +23,7 @@ from segray.io.raster import (
     is_cog,
     open_info,
     read_window,
+    tile_dtype,
     write_cog,
 )
 from segray.testing.raster import make_test_cog, scene_pattern
@@ -93,6 +94,36 @@ def test_read_window_equals_slice_of_full_read():
     assert valid.all()  # the file's nodata is 0 and no S2 value is 0
     data, _ = read_window(S2, (0, 0, 512, 512))
     np.testing.assert_array_equal(data, full)
+
+
+@pytest.mark.parametrize("dtype, sent", [("uint8", "uint8"), ("uint16", "uint16"), ("int16", "int16"),
+                                         ("int32", "float32"), ("float32", "float32"), ("float64", "float32")])
+def test_tiles_travel_in_the_files_own_small_integers(tmp_path, dtype, sent):
+    """``tile_dtype``: 8- and 16-bit integers stay as they are (a quarter or half of float32's
+    bytes between processes), other types become float32; read in it, the values are the same."""
+    path = str(tmp_path / f"{dtype}.tif")
+    values = (np.arange(3 * 40 * 50).reshape(3, 40, 50) % 200 + 7).astype(dtype)
+    values[0, 5, 15] = 9  # the nodata value below, in one band
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=3, dtype=dtype, nodata=9) as dst:
+        dst.write(values)
+    info = open_info(path)
+    assert tile_dtype([info]) == sent and tile_dtype([info], bands=[2]) == sent
+    own, own_valid = read_window(path, (-4, 10, 30, 30), dtype=tile_dtype([info]))
+    f32, f32_valid = read_window(path, (-4, 10, 30, 30))
+    assert own.dtype == np.dtype(sent) and f32.dtype == np.float32
+    np.testing.assert_array_equal(own.astype(np.float32), f32)
+    np.testing.assert_array_equal(own_valid, f32_valid)
+    assert not own_valid[:4].any() and not own_valid[9, 5] and own_valid[4:].sum() == 26 * 30 - 1
+    if dtype.startswith("u"):  # a boundless fill the type cannot hold
+        assert tile_dtype([info], fill=-5) == "float32"
+
+
+def test_one_tile_type_for_all_scenes_of_a_job():
+    """Ray Data joins tiles of several scenes into one batch: one type that holds them all."""
+    spacenet, s2 = open_info(SPACENET_TIF), open_info(S2)  # uint16, int16 (13 bands)
+    assert (tile_dtype([spacenet]), tile_dtype([s2]), tile_dtype([spacenet, spacenet])) == ("uint16", "int16", "uint16")
+    assert tile_dtype([spacenet, s2]) == "float32"  # int32 would hold both: no smaller than float32
+    assert tile_dtype([]) == "float32"
 
 
 def test_nodata_mask_from_value_any_band_and_dataset_mask(tmp_path, label):

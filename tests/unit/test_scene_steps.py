@@ -30,7 +30,7 @@ from segray.data.chips import chip_rows, chip_windows, read_chips, read_vector_l
 from segray.infer.scene_grid import MASK_NODATA, TileIndex, grid_tiles, virtual_size
 from segray.infer.scene_steps import TileProbabilities, read_tiles, write_tiles
 from segray.infer.scene_bands import stitch_scene
-from segray.io.raster import CogBlockWriter, is_cog, open_info
+from segray.io.raster import CogBlockWriter, is_cog, open_info, tile_dtype
 from segray.testing.raster import make_test_cog, scene_pattern
 from scenes_util import make_checkpoint, read_all, untiled_probabilities
 
@@ -541,3 +541,24 @@ def test_auto_blend_takes_cores_where_the_margin_covers_the_receptive_field():
         cfg = build_config(SceneInferJobConfig, {**base, "margin": margin})
         assert scene_blend(cfg, model) == want, (margin, model)
     assert scene_blend(build_config(SceneInferJobConfig, {**base, "blend": "linear"}), unet) == "linear"
+
+
+def test_read_tiles_gives_every_tile_the_jobs_one_type(tmp_path):
+    """Tiles of a uint16 and a uint8 scene, and a tile that cannot be read, all carry the job's
+    type (here uint16, from ``tile_dtype``), with the files' values; the actor converts."""
+    def chunk(url: str, sid: str) -> dict:
+        return dict(scene_id=sid, url=url, label="", blob_dir="", crs="", transform=list(ATLANTA_TRANSFORM),
+                    height=64, width=64, bands=1, vheight=64, vwidth=64, tile_start=0, tile_stop=1)
+
+    small = str(tmp_path / "u8.tif")
+    with rasterio.open(small, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as dst:
+        dst.write(np.full((1, 64, 64), 200, np.uint8))
+    spacenet = str(ATLANTA / "sample_geotiff.tif")  # uint16
+    dtype = tile_dtype([open_info(spacenet), open_info(small)])
+    rows = [chunk(spacenet, "a"), chunk(small, "b"), chunk(str(tmp_path / "missing.tif"), "c")]
+    tiles = read_tiles({k: [r[k] for r in rows] for k in rows[0]}, 64, 0, dtype=dtype)
+    assert dtype == "uint16" and tiles["status"] == ["ok", "ok", "error"]
+    assert [p.dtype for p in tiles["pixels"]] == [np.dtype(np.uint16)] * 3
+    f32 = read_tiles({k: [rows[0][k]] for k in rows[0]}, 64, 0)  # the default: float32
+    np.testing.assert_array_equal(tiles["pixels"][0].astype(np.float32), f32["pixels"][0])
+    assert (tiles["pixels"][1] == 200).all()

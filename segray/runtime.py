@@ -56,12 +56,12 @@ def keep_freed_memory() -> bool:
 def node_env(num_cpus: float | None = None) -> dict[str, str]:
     """Settings for a Ray node that runs segray's pipelines; its raylet reads them when it starts.
 
-    The raylet kills an idle worker after 1 s once the node has more workers than
-    ``num_workers_soft_limit`` (default: its CPU count), and actors count. Two predictor actors
-    and Ray Data's own two on a 2-CPU node are already over it, so every 0.5-CPU read or encode
-    task worker was killed between blocks and started again (Python, Ray, torch imports: about
-    a CPU second each; 11 worker processes for 1,000 images, benchmarks/README.md). The limit
-    here keeps the workers that fractional-CPU tasks and actors need: two per CPU, and a few."""
+    ``num_workers_soft_limit``: how many workers the raylet keeps before it kills idle ones.
+    Measured on a 2-CPU node (benchmarks/README.md): with the variable unset, an image job of
+    1,000 images started 8 to 11 worker processes, its 0.5-CPU read and encode task workers
+    killed between blocks and started again (Python, Ray and torch imports: about a CPU second
+    each); with it set, 7 every time and 1-2 s faster. Two per CPU, and a few for Ray Data's
+    own actors, keeps the workers that fractional-CPU tasks and actors need."""
     cpus = int(num_cpus or os.cpu_count() or 1)
     return {"RAY_num_workers_soft_limit": str(2 * cpus + 4)}
 

@@ -147,9 +147,9 @@ trap cleanup_on_error EXIT
 # including Ray worker processes that get their own process groups.
 # The node's processes (and job drivers without a working_dir) inherit its cwd: the
 # state dir, the same wherever start.sh was called from.
-# RAY_num_workers_soft_limit: the raylet keeps this many idle workers before killing them after
-# 1 s (default: its CPU count, and actors count), so with actor pools every fractional-CPU task
-# worker was killed between blocks and restarted; segray.runtime.node_env gives the same rule.
+# RAY_num_workers_soft_limit: how many workers the raylet keeps before it kills idle ones. Unset,
+# fractional-CPU task workers were killed between blocks and restarted under actor pools
+# (benchmarks/README.md); segray.runtime.node_env gives the same rule.
 start_node() {  # name, CPUs, ray start args...
   local name=$1 cpus=$2; shift 2
   cd "$STATE_DIR"

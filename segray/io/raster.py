@@ -155,9 +155,10 @@ def read_window(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``window`` as ``dtype [C, h, w]`` plus ``valid bool [h, w]``.
 
-    ``dtype`` must hold the file's values (see :func:`tile_dtype`). A pixel is invalid when any band equals the nodata value (``nodata`` overrides the file's,
-    for files that lack the tag), when the dataset mask/alpha excludes it, or when it lies
-    outside the scene (boundless reads: filled with ``fill``).
+    ``dtype`` must hold the file's values (see :func:`tile_dtype`). A pixel is invalid when any
+    band equals the nodata value (``nodata`` overrides the file's, for files that lack the tag),
+    when the dataset mask/alpha excludes it, or when it lies outside the scene (boundless reads:
+    filled with ``fill``).
     """
     row_off, col_off, h, w = window
     if h <= 0 or w <= 0:

@@ -72,6 +72,7 @@ def use_node_env(num_cpus: float | None = None) -> None:
     for key, value in node_env(num_cpus).items():
         os.environ.setdefault(key, value)
 
+
 VERBOSE_ENV = "SEGRAY_RAY_LOGS"  # "1": Ray's own output on the terminal (`segray --verbose`)
 LOG_FILE_ENV = "SEGRAY_LOG_FILE"  # where Ray's output goes otherwise (default: log_path())
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "ray.util")

@@ -61,8 +61,9 @@ class TileInstances:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         status, error, todo = self.predictor.usable(batch, what="tile")
-        images = [np.where(np.asarray(batch["valid"][i], bool), batch["pixels"][i], self.mean).astype(np.float32, copy=False)
-                  for i in todo]  # the file's integers (read_tiles) -> float32
+        # the job's tile type (read_tiles: often the files' integers) -> float32, nodata -> band mean
+        images = [np.where(np.asarray(batch["valid"][i], bool), batch["pixels"][i], self.mean).astype(np.float32)
+                  for i in todo]
         texts = [""] * len(status)
         for i, p in zip(todo, self.predictor.predict(images)):
             texts[i] = json.dumps({"labels": p["labels"].tolist(), "scores": np.round(p["scores"], 5).tolist(),

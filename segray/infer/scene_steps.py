@@ -94,7 +94,8 @@ def read_tiles(
                                             dtype=dtype)
                 valid = valid.astype(np.uint8)
             except Exception as exc:  # a bad read is an error row; the scene is reported, the job goes on
-                (pixels, valid), status, error = _placeholder(nbands, dtype), "error", f"read: {type(exc).__name__}: {exc}"
+                (pixels, valid), status = _placeholder(nbands, dtype), "error"
+                error = f"read: {type(exc).__name__}: {exc}"
             # the core, clipped to the real scene (cores partition the virtual extent)
             r0, c0 = tile.core_row_off, tile.core_col_off
             r1, c1 = min(r0 + tile.core_height, h), min(c0 + tile.core_width, w)

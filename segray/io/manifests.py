@@ -22,10 +22,6 @@ from segray.io.fs import get_fs, join, scheme_of
 from segray.io.listing import lister_table, plain_urls
 
 
-def _ext(path: str) -> str:
-    return posixpath.splitext(path)[1].lower()
-
-
 def _strip(url: str) -> str:
     """Filesystem path of a URL by string rules alone (no filesystem instance per row)."""
     return url.split("://", 1)[1] if "://" in url else os.path.abspath(url)
@@ -113,7 +109,7 @@ def _manifest_table(url: str, storage: StorageOptions | None, versions: bool = F
 
 
 def _read_manifest(f, path: str, url: str, versions: bool, head: int | None) -> pa.Table:
-    parquet = _ext(path) == ".parquet" or f.read(4) == b"PAR1"
+    parquet = posixpath.splitext(path)[1].lower() == ".parquet" or f.read(4) == b"PAR1"
     f.seek(0)
     if parquet:
         file = pq.ParquetFile(f)
@@ -127,7 +123,9 @@ def _read_manifest(f, path: str, url: str, versions: bool, head: int | None) -> 
             found += parts[-1].num_rows
             if found >= head:
                 break
-        return pa.concat_tables(parts).slice(0, head) if parts else _parquet_manifest(file.schema_arrow.empty_table(), url)
+        if not parts:  # a manifest without rows
+            return _parquet_manifest(file.schema_arrow.empty_table(), url)
+        return pa.concat_tables(parts).slice(0, head)
     rows = []
     for n, row in enumerate(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))):
         row = [c.strip() for c in row]
@@ -172,7 +170,8 @@ def _manifest_rels(images, base: str):
 
 
 def manifest_rows(source: SourceConfig, storage: StorageOptions | None, versions: bool = False,
-              head: int | None = None) -> pa.Table:
+                  head: int | None = None) -> pa.Table:
+    """The manifest lister (``segray.io.sources.LISTERS``): its entries resolved, as a lister table."""
     assert source.manifest is not None
     url = source.manifest
     base = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -180,5 +179,6 @@ def manifest_rows(source: SourceConfig, storage: StorageOptions | None, versions
     if not rows.num_rows:
         raise FileNotFoundError(f"manifest lists no images: {url}")
     images = _resolved(rows["image"], url, base)
-    table = lister_table(plain_urls(images), _manifest_rels(images, base), plain_urls(_resolved(rows["mask"], url, base)))
+    masks = plain_urls(_resolved(rows["mask"], url, base))
+    table = lister_table(plain_urls(images), _manifest_rels(images, base), masks)
     return table.append_column("size", rows["size"]).append_column("version", rows["version"]) if versions else table

@@ -18,6 +18,8 @@ from segray.train.trainer import run_training
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 EPOCHS = 6  # the kill comes after the first committed epoch: room to spare, and CI time
+
+
 def _train_workers() -> list[psutil.Process]:
     """This session's Ray Train workers: the local Ray (raylet and workers) runs under this process."""
     procs = []

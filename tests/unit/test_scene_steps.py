@@ -562,3 +562,7 @@ def test_read_tiles_gives_every_tile_the_jobs_one_type(tmp_path):
     f32 = read_tiles({k: [rows[0][k]] for k in rows[0]}, 64, 0)  # the default: float32
     np.testing.assert_array_equal(tiles["pixels"][0].astype(np.float32), f32["pixels"][0])
     assert (tiles["pixels"][1] == 200).all()
+    make_checkpoint(str(tmp_path / "ckpt.pt"), 1, 2, [300.0], [150.0])
+    predictor = TileProbabilities(str(tmp_path / "ckpt.pt"))  # converts to float32 itself
+    np.testing.assert_array_equal(predictor.probabilities(tiles["pixels"][:1], tiles["valid"][:1])[0],
+                                  predictor.probabilities(f32["pixels"], f32["valid"])[0])
